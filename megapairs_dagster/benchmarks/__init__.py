@@ -1,0 +1,1 @@
+"""Framework-free benchmark readers, metrics and submission files (no dagster import)."""

@@ -1,0 +1,1 @@
+"""Framework-free MMRet retrievers: models, losses, trainer, inference API (no dagster import)."""
