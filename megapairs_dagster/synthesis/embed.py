@@ -1,0 +1,123 @@
+"""Batched embedding of JPEG bytes and captions into L2-normalised float16 matrices.
+
+JPEG decoding and preprocessing run in DataLoader workers so that they overlap the model's
+forward pass; vectors are normalised in float32 and only then stored as float16.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from megapairs_dagster.synthesis.encoders import ImageEncoder, TextEncoder
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: np.ndarray  # (rows, dim) float16, unit L2 norm, row i embeds input i
+    seconds: float
+
+    @property
+    def rows(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def items_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def stats(self) -> dict:
+        return {
+            "rows": self.rows,
+            "seconds": round(self.seconds, 3),
+            "items_per_second": round(self.items_per_second, 1),
+        }
+
+
+class _DecodedJpegs(Dataset):
+    """Decodes and preprocesses one image per item, inside a DataLoader worker."""
+
+    def __init__(self, jpegs: Sequence[bytes], preprocess: Callable[[Image.Image], torch.Tensor]):
+        self.jpegs = jpegs
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(io.BytesIO(self.jpegs[index])) as image:
+            return self.preprocess(image.convert("RGB"))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for reduced dtypes; a no-op for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _normalised_half(embeddings: torch.Tensor) -> np.ndarray:
+    return F.normalize(embeddings.float(), dim=-1).cpu().numpy().astype(np.float16)
+
+
+def embed_images(
+    encoder: ImageEncoder,
+    jpegs: Sequence[bytes],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> EmbeddingResult:
+    """Embed JPEG-encoded images on the encoder's device; `dtype` is the autocast dtype."""
+    start = time.perf_counter()
+    vectors = np.empty((len(jpegs), encoder.embed_dim), dtype=np.float16)
+    if len(jpegs) == 0:
+        return EmbeddingResult(vectors, time.perf_counter() - start)
+    workers = min(num_workers, len(jpegs))
+    loader = DataLoader(
+        _DecodedJpegs(jpegs, encoder.preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    done = 0
+    with torch.inference_mode(), _autocast(encoder.device, dtype):
+        for pixels in loader:
+            batch = _normalised_half(encoder.encode(pixels))
+            vectors[done : done + len(batch)] = batch
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(jpegs))
+    return EmbeddingResult(vectors, time.perf_counter() - start)
+
+
+def embed_texts(
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> EmbeddingResult:
+    """Embed captions; tokenising is cheap enough to stay in the main process."""
+    start = time.perf_counter()
+    vectors = np.empty((len(texts), encoder.embed_dim), dtype=np.float16)
+    with torch.inference_mode(), _autocast(encoder.device, dtype):
+        for begin in range(0, len(texts), batch_size):
+            chunk = list(texts[begin : begin + batch_size])
+            vectors[begin : begin + len(chunk)] = _normalised_half(
+                encoder.encode(encoder.tokenize(chunk))
+            )
+            if progress is not None:
+                progress(begin + len(chunk), len(texts))
+    return EmbeddingResult(vectors, time.perf_counter() - start)
