@@ -1,0 +1,1 @@
+"""Configurable resources: artifact store and IO manager, corpus source, encoders, compute."""

@@ -1,0 +1,49 @@
+"""Resources per profile, chosen in one place.
+
+``demo`` (default) runs offline on a laptop CPU over the procedural demo corpus; ``paper``
+uses the MegaPairs paper's encoders and a corpus/store given by environment variables.
+"""
+
+
+import os
+
+from dagster import EnvVar
+
+from megapairs_dagster.resources.settings import Compute, CorpusSource, Encoders, Mining
+from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
+
+PROFILES = ("demo", "paper")
+
+# Demo windows come from the demo encoders' score distribution (see docs/demo.md).
+DEMO_WINDOWS = {"clip_image": [0.80, 0.97], "dino_image": [0.80, 0.97], "clip_caption": [0.80, 0.97]}
+
+
+def resources_for(profile: str | None = None, home: str | None = None) -> dict:
+    profile = profile or os.environ.get("MEGAPAIRS_PROFILE", "demo")
+    home = home or os.environ.get("MEGAPAIRS_HOME", "data")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+    if profile == "demo":
+        store = ArtifactStore(url=f"{home}/artifacts")
+        corpus = CorpusSource(url=f"{home}/demo_corpus", format="webdataset")
+        encoders = Encoders(mode="bootstrap", dino_image_size=128)
+        mining = Mining(windows=DEMO_WINDOWS)
+    else:
+        store = ArtifactStore(url=EnvVar("MEGAPAIRS_STORE_URL"))
+        corpus = CorpusSource(url=EnvVar("MEGAPAIRS_CORPUS_URL"))
+        encoders = Encoders(
+            mode="pretrained",
+            clip_model="EVA02-B-16",
+            clip_pretrained="merged2b_s8b_b131k",
+            dino_model="facebook/dinov2-base",
+            foreground_only=False,
+        )
+        mining = Mining()
+    return {
+        "store": store,
+        "io_manager": ArtifactIOManager(store=store),
+        "corpus_source": corpus,
+        "encoders": encoders,
+        "compute": Compute(cache_dir=f"{home}/cache"),
+        "mining": mining,
+    }

@@ -1,0 +1,76 @@
+"""Resources that carry configuration: where the corpus is, which encoders, which device."""
+
+
+from typing import Literal, Optional
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+
+class CorpusSource(ConfigurableResource):
+    """Where shards come from: webdataset tars, image folders or parquet files, local or S3."""
+
+    url: str = Field(description="Folder or s3://bucket/prefix holding the shards.")
+    format: Literal["auto", "webdataset", "folder", "parquet"] = "auto"
+    endpoint_url: Optional[str] = Field(default=None, description="S3-compatible endpoint.")
+    image_column: str = Field(default="image", description="Parquet column with image bytes.")
+    caption_column: str = Field(default="caption", description="Parquet column with captions.")
+    max_side: int = Field(default=512, description="Longest side of a normalised image.")
+
+    def storage_options(self) -> dict:
+        return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
+
+
+class Encoders(ConfigurableResource):
+    """The three similarity views' base encoders.
+
+    ``bootstrap`` (demo profile) trains a small CLIP on the corpus's own captions and builds a
+    small DINOv2, because no pretrained weights can be downloaded offline; ``pretrained``
+    (paper profile) pins open_clip / transformers weights from the hub or a local path.
+    """
+
+    mode: Literal["bootstrap", "pretrained"] = "bootstrap"
+    clip_model: str = Field(default="megapairs-demo-clip", description="open_clip model name.")
+    clip_pretrained: Optional[str] = Field(
+        default=None, description="open_clip pretrained tag, weights file or directory."
+    )
+    dino_model: str = Field(
+        default="facebook/dinov2-base", description="transformers DINOv2 id or local directory."
+    )
+    dino_image_size: int = 224
+    foreground_only: bool = Field(
+        default=True,
+        description="Blind the visual-pattern view to the background (estimated from the border).",
+    )
+    trust_remote_code: bool = False
+    bootstrap_max_seconds: float = Field(default=240, description="Demo CLIP training budget.")
+    bootstrap_max_images: int = Field(default=4000, description="Demo CLIP training sample.")
+    seed: int = 0
+
+
+class Compute(ConfigurableResource):
+    """Device and batching for model inference."""
+
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 64
+    num_workers: int = Field(default=2, description="DataLoader workers decoding images.")
+    cache_dir: str = Field(
+        default="data/cache", description="Local copy of encoder weights kept in a remote store."
+    )
+
+
+class Mining(ConfigurableResource):
+    """Pair-mining settings shared by the diagnostics and the miner."""
+
+    windows: dict[str, list[float]] = Field(
+        default={view: [0.80, 0.96] for view in ("clip_image", "dino_image", "clip_caption")},
+        description="Open similarity window (low, high) per view: a neighbour is a target only "
+        "if low < score < high (paper: 0.8 < s < 0.96).",
+    )
+
+    def window(self, view: str) -> tuple[float, float]:
+        low, high = self.windows[view]
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"window for {view} must satisfy 0 <= low < high <= 1, got {low, high}")
+        return low, high

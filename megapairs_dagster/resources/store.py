@@ -1,0 +1,135 @@
+"""The artifact store as a Dagster resource, and the IO manager that stores assets in it."""
+
+
+import io
+import json
+from typing import Any, Optional
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+    ResourceDependency,
+)
+from pydantic import Field
+
+from megapairs_dagster import __version__
+from megapairs_dagster.artifacts import BINARY_ARTIFACTS
+from megapairs_dagster.storage import ArtifactStoreClient
+
+TABLE_SUFFIX = ".parquet"
+JSON_SUFFIX = ".json"
+
+
+class ArtifactStore(ConfigurableResource):
+    """Root of every artifact: a local folder, or ``s3://bucket/prefix`` through s3fs.
+
+    S3 credentials are never configuration: s3fs reads them from the environment
+    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or an instance profile).
+    """
+
+    url: str = Field(default="data/artifacts", description="Local folder or s3://bucket/prefix.")
+    endpoint_url: Optional[str] = Field(
+        default=None, description="S3-compatible endpoint (MinIO, moto); None for AWS."
+    )
+
+    def storage_options(self) -> dict[str, Any]:
+        return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
+
+    def client(self) -> ArtifactStoreClient:
+        return ArtifactStoreClient(self.url, self.storage_options())
+
+
+def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
+    """Parquet bytes whose schema metadata records what produced the table."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = dict(table.schema.metadata or {})
+    metadata[b"megapairs.produced_by"] = json.dumps(produced_by).encode()
+    buffer = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(metadata), buffer)
+    return buffer.getvalue()
+
+
+def read_table(data: bytes) -> pd.DataFrame:
+    table = pq.read_table(io.BytesIO(data))
+    frame = table.to_pandas()
+    produced_by = (table.schema.metadata or {}).get(b"megapairs.produced_by")
+    if produced_by:
+        frame.attrs["produced_by"] = json.loads(produced_by)
+    return frame
+
+
+def artifact_relpath(asset_key_path: list[str], partition_key: str | None) -> str:
+    """``<asset>/<partition>`` for per-shard artifacts, ``<asset>/data`` for global ones."""
+    return "/".join([*asset_key_path, partition_key or "data"])
+
+
+def load_artifact(store: ArtifactStoreClient, relpath: str) -> Any:
+    """Load whatever the IO manager wrote at ``relpath`` (a table, a JSON dict or a binary)."""
+    candidates = [(TABLE_SUFFIX, read_table), (JSON_SUFFIX, lambda b: json.loads(b))]
+    candidates += [(cls.SUFFIX, cls.from_bytes) for cls in BINARY_ARTIFACTS]
+    for suffix, reader in candidates:
+        if store.exists(relpath + suffix):
+            return reader(store.read_bytes(relpath + suffix))
+    raise FileNotFoundError(
+        f"no artifact at {store.url(relpath)}.* — materialise the upstream asset first"
+    )
+
+
+class ArtifactIOManager(ConfigurableIOManager):
+    """Stores DataFrames as parquet, dicts as JSON and matrices as npz in the artifact store.
+
+    Every write is atomic and tagged with the run, asset and partition that produced it.
+    A non-partitioned asset reading a partitioned one receives ``{partition: value}``.
+    """
+
+    store: ResourceDependency[ArtifactStore]
+
+    def _client(self) -> ArtifactStoreClient:
+        return self.store.client()
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        partition = context.partition_key if context.has_partition_key else None
+        relpath = artifact_relpath(context.asset_key.path, partition)
+        produced_by = {
+            "run_id": context.run_id,
+            "asset": context.asset_key.to_user_string(),
+            "partition": partition,
+            "code_version": context.definition_metadata.get("code_version")
+            if context.definition_metadata
+            else None,
+            "package_version": __version__,
+        }
+        if isinstance(obj, pd.DataFrame):
+            suffix, data = TABLE_SUFFIX, write_table(obj, produced_by)
+        elif isinstance(obj, dict):
+            suffix, data = JSON_SUFFIX, json.dumps(obj, indent=1, sort_keys=True).encode()
+        elif isinstance(obj, BINARY_ARTIFACTS):
+            obj.produced_by = {**produced_by, **obj.produced_by}
+            suffix, data = obj.SUFFIX, obj.to_bytes()
+        else:
+            raise TypeError(
+                f"{context.asset_key.to_user_string()} returned {type(obj).__name__}; the artifact "
+                "store keeps DataFrames, dicts, Embeddings and KnnIndexArtifact"
+            )
+        path = self._client().write_bytes(relpath + suffix, data)
+        context.add_output_metadata(
+            {"path": MetadataValue.path(str(path)), "bytes": MetadataValue.int(len(data))}
+        )
+
+    def load_input(self, context: InputContext) -> Any:
+        client = self._client()
+        key_path = context.asset_key.path
+        if not context.has_asset_partitions:
+            return load_artifact(client, artifact_relpath(key_path, None))
+        keys = context.asset_partition_keys
+        if context.has_partition_key and len(keys) == 1:
+            return load_artifact(client, artifact_relpath(key_path, keys[0]))
+        return {key: load_artifact(client, artifact_relpath(key_path, key)) for key in sorted(keys)}

@@ -1,0 +1,101 @@
+"""The artifact store: one root URL (local folder or ``s3://bucket/prefix``) through fsspec.
+
+Plain Python (no dagster import) so notebooks and tests can read artifacts the same way the
+pipeline writes them. Writes are atomic: a crash never leaves a half-written file that looks
+whole. Locally that is "write a temporary sibling, then ``os.replace``"; on S3 a single PUT
+only becomes visible once complete, so the object is written in one call.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from upath import UPath
+
+
+class ArtifactStoreClient:
+    """Read and write artifacts below ``root`` (a path or URL)."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        if not root:
+            raise ValueError("artifact store root must not be empty")
+        self.storage_options = dict(storage_options or {})
+        self.root = UPath(root, **self.storage_options)
+        if self.is_local:
+            self.root = UPath(os.path.abspath(root))
+
+    @property
+    def is_local(self) -> bool:
+        return self.root.protocol in ("", "file", "local")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self.root.fs
+
+    def path(self, *parts: str) -> UPath:
+        return self.root.joinpath(*parts)
+
+    def url(self, *parts: str) -> str:
+        return str(self.path(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.path(*parts).exists()
+
+    def write_bytes(self, relpath: str, data: bytes) -> UPath:
+        """Write ``data`` at ``relpath`` atomically and return its path."""
+        target = self.path(relpath)
+        if self.is_local:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(str(target.parent.path)) / f".{target.name}.{uuid.uuid4().hex}.partial"
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            self.fs.pipe_file(target.path, data)
+        return target
+
+    def read_bytes(self, relpath: str) -> bytes:
+        target = self.path(relpath)
+        if not target.exists():
+            raise FileNotFoundError(f"artifact not found: {target}")
+        return target.read_bytes()
+
+    def write_buffer(self, relpath: str, writer) -> UPath:
+        """Call ``writer(buffer)`` on an in-memory buffer, then write it atomically."""
+        buffer = io.BytesIO()
+        writer(buffer)
+        return self.write_bytes(relpath, buffer.getvalue())
+
+    def upload_dir(self, local_dir: str | os.PathLike, relpath: str) -> UPath:
+        """Copy a local directory's files below ``relpath`` (each file written atomically)."""
+        local_dir = Path(local_dir)
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self.write_bytes(f"{relpath}/{file.relative_to(local_dir).as_posix()}", file.read_bytes())
+        return self.path(relpath)
+
+    def local_dir(self, relpath: str, cache_dir: str | os.PathLike) -> Path:
+        """A local directory holding ``relpath``: itself when local, else a cached download."""
+        source = self.path(relpath)
+        if self.is_local:
+            return Path(source.path)
+        target = Path(cache_dir) / relpath
+        if not target.exists():
+            partial = target.with_name(target.name + f".{uuid.uuid4().hex}.partial")
+            self.fs.get(source.path.rstrip("/") + "/", str(partial), recursive=True)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(partial, target)
+            except OSError:  # another process finished the same download first
+                shutil.rmtree(partial, ignore_errors=True)
+        return target

@@ -1,0 +1,54 @@
+"""The three similarity views of MegaPairs and how each one's encoder is opened."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from megapairs_dagster.synthesis.encoders import load_clip, load_dino
+
+VIEWS: dict[str, str] = {
+    "clip_image": "CLIP image (visual-semantic)",
+    "dino_image": "DINOv2 image (visual pattern)",
+    "clip_caption": "CLIP text of the caption (caption similarity)",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def open_view_encoder(
+    view: str,
+    manifest: dict,
+    *,
+    resolve_stored: Callable[[str], Path],
+    device: str = "cpu",
+    dtype: str = "float32",
+):
+    """Open the encoder of ``view`` as pinned in a ``base_encoders`` manifest.
+
+    ``resolve_stored`` turns an artifact-store path (weights the pipeline trained itself) into a
+    local directory; hub names and user paths are passed to the loaders unchanged.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; expected one of {sorted(VIEWS)}")
+    torch_dtype = DTYPES[dtype]
+    if view == "dino_image":
+        spec = manifest["dino"]
+        source = spec["name_or_path"]
+        return load_dino(
+            str(resolve_stored(source)) if spec.get("stored") else source,
+            device=device,
+            dtype=torch_dtype,
+            foreground_only=spec.get("foreground_only", False),
+            image_size=spec.get("image_size", 224),
+        )
+    spec = manifest["clip"]
+    pretrained = spec.get("pretrained")
+    if spec.get("stored"):
+        pretrained = str(resolve_stored(pretrained))
+    image_encoder, text_encoder = load_clip(
+        spec["model_name"], pretrained, device=device, dtype=torch_dtype
+    )
+    return text_encoder if view == "clip_caption" else image_encoder

@@ -1,0 +1,37 @@
+"""Shared test setup: offline hub, and a small demo profile for graph tests."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from megapairs_dagster.resources.profiles import resources_for  # noqa: E402
+from megapairs_dagster.resources.settings import Compute, Encoders, Mining  # noqa: E402
+from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore  # noqa: E402
+from megapairs_dagster.synthesis.views import VIEWS  # noqa: E402
+
+SMALL_SHARD = 64
+
+
+def small_demo_resources(home, **store_overrides) -> dict:
+    """The demo profile, shrunk so the whole graph runs in well under a minute."""
+    resources = resources_for("demo", str(home))
+    resources["encoders"] = Encoders(
+        mode="bootstrap", dino_image_size=resources["encoders"].dino_image_size,
+        bootstrap_max_seconds=8, bootstrap_max_images=400,
+    )
+    resources["compute"] = Compute(num_workers=0, batch_size=32, cache_dir=str(home / "cache"))
+    # Every neighbour counts, so the report measures the views rather than a window.
+    resources["mining"] = Mining(windows={view: [0.0, 1.0] for view in VIEWS})
+    if store_overrides:
+        store = ArtifactStore(**store_overrides)
+        resources["store"] = store
+        resources["io_manager"] = ArtifactIOManager(store=store)
+    return resources
+
+
+@pytest.fixture
+def demo_home(tmp_path):
+    return tmp_path / "home"
