@@ -1,0 +1,1 @@
+"""Two-step instruction generation (MLLM description → LLM instructions), framework-free."""
