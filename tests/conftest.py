@@ -5,12 +5,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from megapairs_dagster.resources.profiles import resources_for  # noqa: E402
-from megapairs_dagster.resources.settings import Compute, Encoders, Mining  # noqa: E402
-from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore  # noqa: E402
-from megapairs_dagster.synthesis.views import VIEWS  # noqa: E402
+from megapairs_dagster.resources.profiles import resources_for
+from megapairs_dagster.resources.settings import Compute, Encoders, Mining
+from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
+from megapairs_dagster.synthesis.views import VIEWS
 
 SMALL_SHARD = 64
 

@@ -8,8 +8,8 @@ from s3_server import moto_s3
 
 from megapairs_dagster.artifacts import Embeddings
 from megapairs_dagster.definitions import defs
-from megapairs_dagster.resources.settings import Compute
 from megapairs_dagster.demo import write_demo_shard
+from megapairs_dagster.resources.settings import Compute
 from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.storage import ArtifactStoreClient
 
@@ -17,7 +17,7 @@ from megapairs_dagster.storage import ArtifactStoreClient
 def test_local_write_is_atomic_and_leaves_no_partial_files(tmp_path, monkeypatch):
     store = ArtifactStoreClient(str(tmp_path / "store"))
     store.write_bytes("a/b.bin", b"first")
-    import megapairs_dagster.storage as storage
+    from megapairs_dagster import storage
 
     def crash(*_args):
         raise OSError("disk went away")

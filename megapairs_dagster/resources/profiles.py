@@ -9,8 +9,15 @@ import os
 
 from dagster import EnvVar
 
-from megapairs_dagster.resources.settings import Compute, CorpusSource, Encoders, Mining
+from megapairs_dagster.resources.settings import (
+    Compute,
+    CorpusSource,
+    Encoders,
+    Generation,
+    Mining,
+)
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
+from megapairs_dagster.synthesis.encoders import DEMO_DINO_IMAGE_SIZE
 
 PROFILES = ("demo", "paper")
 
@@ -26,8 +33,9 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
     if profile == "demo":
         store = ArtifactStore(url=f"{home}/artifacts")
         corpus = CorpusSource(url=f"{home}/demo_corpus", format="webdataset")
-        encoders = Encoders(mode="bootstrap", dino_image_size=128)
+        encoders = Encoders(mode="bootstrap", dino_image_size=DEMO_DINO_IMAGE_SIZE)
         mining = Mining(windows=DEMO_WINDOWS)
+        generation = Generation(backend="template")
     else:
         store = ArtifactStore(url=EnvVar("MEGAPAIRS_STORE_URL"))
         corpus = CorpusSource(url=EnvVar("MEGAPAIRS_CORPUS_URL"))
@@ -39,6 +47,13 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
             foreground_only=False,
         )
         mining = Mining()
+        generation = Generation(
+            backend="transformers",
+            description_model=EnvVar("MEGAPAIRS_MLLM"),
+            instruction_model=EnvVar("MEGAPAIRS_LLM"),
+            device="cuda",
+            dtype="bfloat16",
+        )
     return {
         "store": store,
         "io_manager": ArtifactIOManager(store=store),
@@ -46,4 +61,5 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
         "encoders": encoders,
         "compute": Compute(cache_dir=f"{home}/cache"),
         "mining": mining,
+        "generation": generation,
     }

@@ -1,7 +1,7 @@
 """Resources that carry configuration: where the corpus is, which encoders, which device."""
 
 
-from typing import Literal, Optional
+from typing import Literal
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -12,7 +12,7 @@ class CorpusSource(ConfigurableResource):
 
     url: str = Field(description="Folder or s3://bucket/prefix holding the shards.")
     format: Literal["auto", "webdataset", "folder", "parquet"] = "auto"
-    endpoint_url: Optional[str] = Field(default=None, description="S3-compatible endpoint.")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint.")
     image_column: str = Field(default="image", description="Parquet column with image bytes.")
     caption_column: str = Field(default="caption", description="Parquet column with captions.")
     max_side: int = Field(default=512, description="Longest side of a normalised image.")
@@ -31,7 +31,7 @@ class Encoders(ConfigurableResource):
 
     mode: Literal["bootstrap", "pretrained"] = "bootstrap"
     clip_model: str = Field(default="megapairs-demo-clip", description="open_clip model name.")
-    clip_pretrained: Optional[str] = Field(
+    clip_pretrained: str | None = Field(
         default=None, description="open_clip pretrained tag, weights file or directory."
     )
     dino_model: str = Field(
@@ -63,14 +63,53 @@ class Compute(ConfigurableResource):
 class Mining(ConfigurableResource):
     """Pair-mining settings shared by the diagnostics and the miner."""
 
+    targets_per_query: int = Field(default=3, description="Targets drawn per query image.")
+    num_hard_negatives: int = Field(
+        default=5, description="Hard negatives per pair besides the query itself."
+    )
+    seed: int = Field(default=0, description="Seed of the deterministic target choice.")
+
     windows: dict[str, list[float]] = Field(
         default={view: [0.80, 0.96] for view in ("clip_image", "dino_image", "clip_caption")},
         description="Open similarity window (low, high) per view: a neighbour is a target only "
         "if low < score < high (paper: 0.8 < s < 0.96).",
     )
 
+    def all_windows(self) -> dict[str, tuple[float, float]]:
+        return {view: self.window(view) for view in self.windows}
+
     def window(self, view: str) -> tuple[float, float]:
         low, high = self.windows[view]
         if not 0 <= low < high <= 1:
             raise ValueError(f"window for {view} must satisfy 0 <= low < high <= 1, got {low, high}")
         return low, high
+
+
+class Generation(ConfigurableResource):
+    """The two-step instruction generator: backend, models, prompts, retries and chunking."""
+
+    backend: Literal["template", "transformers"] = Field(
+        default="template", description="template (offline, no model) or transformers."
+    )
+    description_model: str | None = Field(
+        default=None, description="Vision-language model for descriptions (dir or hub id)."
+    )
+    instruction_model: str | None = Field(
+        default=None, description="Causal LM that writes instructions (dir or hub id)."
+    )
+    prompt_version: str = "v1"
+    word_budget_min: int = 60
+    word_budget_max: int = 100
+    min_instructions: int = 3
+    max_attempts: int = Field(default=2, description="Tries per pair, each with a new seed.")
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    batch_size: int = 8
+    chunk_size: int = Field(default=256, description="Pairs per saved chunk (resume unit).")
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    seed: int = 0
+    min_parse_rate: float = Field(
+        default=0.9, description="Asset check: share of pairs that must yield instructions."
+    )

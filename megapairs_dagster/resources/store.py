@@ -3,7 +3,7 @@
 
 import io
 import json
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -34,7 +34,7 @@ class ArtifactStore(ConfigurableResource):
     """
 
     url: str = Field(default="data/artifacts", description="Local folder or s3://bucket/prefix.")
-    endpoint_url: Optional[str] = Field(
+    endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, moto); None for AWS."
     )
 
@@ -55,8 +55,10 @@ def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def read_table(data: bytes) -> pd.DataFrame:
-    table = pq.read_table(io.BytesIO(data))
+def read_table(source, columns: list[str] | None = None) -> pd.DataFrame:
+    """A table written by ``write_table`` (bytes or an open file), optionally some columns."""
+    table = pq.read_table(io.BytesIO(source) if isinstance(source, bytes) else source,
+                          columns=columns)
     frame = table.to_pandas()
     produced_by = (table.schema.metadata or {}).get(b"megapairs.produced_by")
     if produced_by:
@@ -79,6 +81,17 @@ def load_artifact(store: ArtifactStoreClient, relpath: str) -> Any:
     raise FileNotFoundError(
         f"no artifact at {store.url(relpath)}.* — materialise the upstream asset first"
     )
+
+
+def load_columns(
+    store: ArtifactStoreClient, asset: str, partitions: list[str], columns: list[str]
+) -> pd.DataFrame:
+    """Some columns of a per-shard table over many shards, reading nothing else."""
+    frames = []
+    for key in partitions:
+        with store.path(artifact_relpath([asset], key) + TABLE_SUFFIX).open("rb") as handle:
+            frames.append(read_table(handle, columns))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 class ArtifactIOManager(ConfigurableIOManager):

@@ -8,6 +8,7 @@ attribute differs between an image and its in-window neighbours.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 
@@ -71,20 +72,37 @@ def view_report(
         "caption_overlap_random": _mean_overlap(random_a, random_b, captions),
     }
     if scenes is not None and differences is not None:
-        counts = dict.fromkeys(relation_types, 0)
-        identical = known = 0
-        for query, neighbor in zip(pairs["query_id"], pairs["neighbor_id"]):
-            if query not in scenes or neighbor not in scenes:
-                continue
-            known += 1
-            changed = differences(scenes[query], scenes[neighbor])
-            identical += not changed
-            for name in changed:
-                counts[name] = counts.get(name, 0) + 1
-        report["relation_pairs"] = known
-        report["relation_differs"] = {k: v / known if known else 0.0 for k, v in counts.items()}
-        report["relation_identical"] = identical / known if known else 0.0
+        shares = relation_shares(
+            zip(pairs["query_id"], pairs["neighbor_id"]), scenes, differences, relation_types
+        )
+        report["relation_pairs"] = shares.pop("pairs")
+        report["relation_identical"] = shares.pop("identical")
+        report["relation_differs"] = shares
     return report
+
+
+def relation_shares(
+    pairs: Iterable[tuple[int, int]],
+    scenes: Mapping[int, dict],
+    differences: Callable[[dict, dict], set[str]],
+    relation_types: Iterable[str],
+) -> dict:
+    """Share of pairs in which each relation type differs, plus ``pairs`` and ``identical``.
+
+    Pairs with an image whose scene is unknown are left out of the denominators.
+    """
+    counts = dict.fromkeys(relation_types, 0)
+    identical = known = 0
+    for first, second in pairs:
+        if first not in scenes or second not in scenes:
+            continue
+        known += 1
+        changed = differences(scenes[first], scenes[second])
+        identical += not changed
+        for name in changed:
+            counts[name] = counts.get(name, 0) + 1
+    shares = {name: count / known if known else 0.0 for name, count in counts.items()}
+    return {**shares, "pairs": known, "identical": identical / known if known else 0.0}
 
 
 def _mean_overlap(left: Iterable[int], right: Iterable[int], captions: Mapping[int, str]) -> float:
@@ -94,3 +112,13 @@ def _mean_overlap(left: Iterable[int], right: Iterable[int], captions: Mapping[i
         if a in captions and b in captions
     ]
     return float(np.mean(values)) if values else 0.0
+
+
+def scenes_from_meta(image_ids: Iterable[int], metas: Iterable[str]) -> dict[int, dict]:
+    """Scene attributes recorded in the samples' source metadata (the demo corpus has them)."""
+    scenes = {}
+    for image_id, meta in zip(image_ids, metas):
+        scene = json.loads(meta).get("scene") if meta else None
+        if scene is not None:
+            scenes[int(image_id)] = scene
+    return scenes

@@ -1,0 +1,64 @@
+"""Ingest: one corpus shard → normalised images plus the inputs rejected, with reasons."""
+
+
+from collections import Counter
+
+from dagster import AssetExecutionContext, AssetOut, MetadataValue, Output, multi_asset
+
+from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.resources.settings import CorpusSource
+from megapairs_dagster.synthesis.ingest import ingest_shard
+from megapairs_dagster.synthesis.readers import discover_shards
+
+
+@multi_asset(
+    outs={
+        "corpus_images": AssetOut(
+            description="Normalised RGB JPEGs (longest side ≤ max_side) with caption, "
+            "content-derived int64 image_id, sha256 and size.",
+            io_manager_key="io_manager",
+        ),
+        "corpus_rejects": AssetOut(
+            description="Inputs that could not be used, each with a reason and detail.",
+            io_manager_key="io_manager",
+        ),
+    },
+    partitions_def=shards,
+    group_name="corpus",
+    code_version="1",
+)
+def corpus(context: AssetExecutionContext, corpus_source: CorpusSource):
+    options = corpus_source.storage_options()
+    found = {s.name: s for s in discover_shards(corpus_source.url, options, corpus_source.format)}
+    shard = found.get(context.partition_key)
+    if shard is None:
+        raise FileNotFoundError(
+            f"shard {context.partition_key!r} is not at {corpus_source.url} (found {len(found)} shards)"
+        )
+    images, rejects = ingest_shard(
+        shard,
+        storage_options=options,
+        max_side=corpus_source.max_side,
+        image_column=corpus_source.image_column,
+        caption_column=corpus_source.caption_column,
+        progress=lambda n: context.log.info(f"{shard.name}: {n} samples read"),
+    )
+    reasons = Counter(rejects["reason"]) if len(rejects) else Counter()
+    context.log.info(f"{shard.name}: {len(images)} images kept, {len(rejects)} rejected")
+    yield Output(
+        images,
+        output_name="corpus_images",
+        metadata={
+            "rows": len(images),
+            "source": MetadataValue.path(shard.url),
+            "preview": MetadataValue.json(
+                images[["key", "width", "height", "caption"]].head(5).to_dict("records")
+            ),
+        },
+    )
+    yield Output(
+        rejects,
+        output_name="corpus_rejects",
+        metadata={"rows": len(rejects), **{f"reason/{r}": n for r, n in sorted(reasons.items())}},
+    )
+

@@ -1,0 +1,240 @@
+"""Two-step instruction generation: ``pair_descriptions`` (MLLM), then ``instructions`` (LLM).
+
+Separate assets so a new LLM prompt or model recomputes only the second step. Both work in
+saved chunks: a crashed or cancelled run resumes where it stopped, and a rerun with the same
+inputs and settings reproduces the same output.
+"""
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    AssetIn,
+    AssetOut,
+    Output,
+    multi_asset,
+)
+
+from megapairs_dagster.assets.lookup import image_rows
+from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.resources.settings import Generation
+from megapairs_dagster.resources.store import ArtifactStore, read_table, write_table
+from megapairs_dagster.synthesis.chunked import config_hash, run_in_chunks
+from megapairs_dagster.synthesis.generation.backends import (
+    BackendSettings,
+    make_describer,
+    make_instructor,
+)
+from megapairs_dagster.synthesis.generation.base import PairInput
+from megapairs_dagster.synthesis.generation.prompts import load_demonstrations
+from megapairs_dagster.synthesis.generation.run import (
+    DESCRIPTION_COLUMNS,
+    INSTRUCTION_COLUMNS,
+    REJECT_COLUMNS,
+    generate_descriptions,
+    generate_instructions,
+)
+
+Tables = tuple[pd.DataFrame, pd.DataFrame]
+
+
+def _backend_settings(generation: Generation) -> BackendSettings:
+    return BackendSettings(
+        backend=generation.backend,
+        description_model=generation.description_model,
+        instruction_model=generation.instruction_model,
+        prompt_version=generation.prompt_version,
+        max_new_tokens=generation.max_new_tokens,
+        temperature=generation.temperature,
+        batch_size=generation.batch_size,
+        device=generation.device,
+        dtype=generation.dtype,
+        trust_remote_code=generation.trust_remote_code,
+    )
+
+
+def _pair_inputs(store: ArtifactStore, pairs: pd.DataFrame, with_pixels: bool) -> list[PairInput]:
+    ids = set(pairs["query_id"]) | set(pairs["target_id"])
+    rows = image_rows(store, ids, ["caption", "jpeg"] if with_pixels else ["caption"])
+    jpeg = rows["jpeg"] if with_pixels else None
+    return [
+        PairInput(
+            pair_id=pair_id,
+            query_jpeg=jpeg[q] if with_pixels else b"",
+            target_jpeg=jpeg[t] if with_pixels else b"",
+            query_caption=rows.at[q, "caption"],
+            target_caption=rows.at[t, "caption"],
+        )
+        for pair_id, q, t in zip(pairs["pair_id"], pairs["query_id"], pairs["target_id"])
+    ]
+
+
+def _chunked(
+    context: AssetExecutionContext,
+    store: ArtifactStore,
+    asset: str,
+    items: Sequence,
+    item_id: Callable,
+    digest: str,
+    chunk_size: int,
+    work: Callable[[Sequence], Tables],
+    row_columns: list[str],
+) -> Tables:
+    """Run ``work`` over saved chunks of ``items`` for this shard; concatenate the results."""
+    client = store.client()
+    folder = f"{asset}/{context.partition_key}.chunks"
+
+    def load(key: str) -> Tables | None:
+        rows_path = f"{folder}/{key}.rows.parquet"
+        if not client.exists(rows_path):
+            return None
+        rejects = read_table(client.read_bytes(f"{folder}/{key}.rejects.parquet"))
+        return read_table(client.read_bytes(rows_path)), rejects
+
+    def save(key: str, tables: Tables) -> None:
+        produced_by = {"asset": asset, "partition": context.partition_key, "config_hash": digest}
+        # Rejects first: the rows file is what marks a chunk as finished.
+        client.write_bytes(f"{folder}/{key}.rejects.parquet", write_table(tables[1], produced_by))
+        client.write_bytes(f"{folder}/{key}.rows.parquet", write_table(tables[0], produced_by))
+
+    def report(index: int, total: int, reused: bool) -> None:
+        context.log.info(f"{asset}: chunk {index + 1}/{total} {'reused' if reused else 'done'}")
+
+    results = run_in_chunks(
+        items, chunk_size, item_id=item_id, config_digest=digest, load=load, save=save,
+        work=work, on_chunk=report,
+    )
+    if not results:
+        return pd.DataFrame(columns=row_columns), pd.DataFrame(columns=REJECT_COLUMNS)
+    return (
+        pd.concat([r[0] for r in results], ignore_index=True),
+        pd.concat([r[1] for r in results], ignore_index=True),
+    )
+
+
+def _provenance(frame: pd.DataFrame, identity: dict, prompt_version: str, digest: str) -> None:
+    frame["backend"] = identity.get("backend", "")
+    frame["model"] = identity.get("model", identity.get("backend", ""))
+    frame["prompt_version"] = prompt_version
+    frame["config_hash"] = digest
+
+
+def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
+    counts = rejects["reason"].value_counts().to_dict() if len(rejects) else {}
+    return {
+        "rejects": len(rejects),
+        "reject_rate": len(rejects) / total if total else 0.0,
+        **{f"reason/{reason}": int(n) for reason, n in sorted(counts.items())},
+    }
+
+
+@multi_asset(
+    outs={
+        "pair_descriptions": AssetOut(description="What each pair shares and how it differs."),
+        "description_rejects": AssetOut(description="Pairs whose description was rejected."),
+    },
+    ins={"image_pairs": AssetIn()},
+    deps=[AssetDep("corpus_images")],
+    partitions_def=shards,
+    group_name="instructions",
+    code_version="1",
+    op_tags={"megapairs/accelerator": "gpu"},
+)
+def pair_descriptions(
+    context: AssetExecutionContext,
+    image_pairs: pd.DataFrame,
+    generation: Generation,
+    store: ArtifactStore,
+):
+    describer = make_describer(_backend_settings(generation))
+    config = {
+        "step": "describe",
+        "backend": describer.identity,
+        "prompt_version": generation.prompt_version,
+        "seed": generation.seed,
+        "word_budget": [generation.word_budget_min, generation.word_budget_max],
+        "max_attempts": generation.max_attempts,
+    }
+    digest = config_hash(config)
+    pairs = _pair_inputs(store, image_pairs, with_pixels=generation.backend != "template")
+
+    def work(chunk: Sequence[PairInput]) -> Tables:
+        return generate_descriptions(
+            chunk, describer, seed=generation.seed,
+            word_budget_range=(generation.word_budget_min, generation.word_budget_max),
+            max_attempts=generation.max_attempts, batch_size=generation.batch_size,
+        )
+
+    rows, rejects = _chunked(
+        context, store, "pair_descriptions", pairs, lambda p: p.pair_id, digest,
+        generation.chunk_size, work, DESCRIPTION_COLUMNS,
+    )
+    rows = image_pairs[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
+    _provenance(rows, describer.identity, generation.prompt_version, digest)
+    yield Output(rows, output_name="pair_descriptions",
+                 metadata={"rows": len(rows), "config_hash": digest, "pairs": len(pairs)})
+    yield Output(rejects, output_name="description_rejects",
+                 metadata=_reject_metadata(rejects, len(pairs)))
+
+
+@multi_asset(
+    outs={
+        "instructions": AssetOut(description="≥ 3 validated retrieval instructions per pair."),
+        "instruction_rejects": AssetOut(description="Pairs whose LLM output was rejected."),
+    },
+    ins={"pair_descriptions": AssetIn()},
+    deps=[AssetDep("corpus_images")],
+    partitions_def=shards,
+    group_name="instructions",
+    code_version="1",
+    check_specs=[AssetCheckSpec("parse_rate", asset="instructions")],
+    op_tags={"megapairs/accelerator": "gpu"},
+)
+def instructions(
+    context: AssetExecutionContext,
+    pair_descriptions: pd.DataFrame,
+    generation: Generation,
+    store: ArtifactStore,
+):
+    instructor = make_instructor(_backend_settings(generation))
+    demonstrations = load_demonstrations(generation.prompt_version)
+    config = {
+        "step": "instruct",
+        "backend": instructor.identity,
+        "prompt_version": generation.prompt_version,
+        "seed": generation.seed,
+        "min_instructions": generation.min_instructions,
+        "max_attempts": generation.max_attempts,
+        "descriptions": sorted(set(pair_descriptions.get("config_hash", []))),
+    }
+    digest = config_hash(config)
+    pairs = _pair_inputs(store, pair_descriptions, with_pixels=False)
+    described = list(zip(pairs, pair_descriptions["description"]))
+
+    def work(chunk: Sequence[tuple[PairInput, str]]) -> Tables:
+        return generate_instructions(
+            chunk, instructor, demonstrations=demonstrations, seed=generation.seed,
+            min_count=generation.min_instructions, max_attempts=generation.max_attempts,
+            batch_size=generation.batch_size,
+        )
+
+    rows, rejects = _chunked(
+        context, store, "instructions", described, lambda item: item[0].pair_id, digest,
+        generation.chunk_size, work, INSTRUCTION_COLUMNS,
+    )
+    rows = pair_descriptions[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
+    _provenance(rows, instructor.identity, generation.prompt_version, digest)
+    parse_rate = len(rows) / len(described) if described else 1.0
+    yield Output(rows, output_name="instructions",
+                 metadata={"rows": len(rows), "parse_rate": parse_rate, "config_hash": digest})
+    yield Output(rejects, output_name="instruction_rejects",
+                 metadata=_reject_metadata(rejects, len(described)))
+    yield AssetCheckResult(
+        check_name="parse_rate", asset_key="instructions",
+        passed=parse_rate >= generation.min_parse_rate,
+        metadata={"parse_rate": parse_rate, "threshold": generation.min_parse_rate},
+    )

@@ -1,0 +1,95 @@
+"""``megapairs``: the commands that are not Dagster's own.
+
+    megapairs demo-corpus --out data/demo_corpus      write the procedural demo corpus
+    megapairs demo-benchmark --out data/demo_bench    write the demo CIR benchmark (CIRCO format)
+    megapairs demo                                    materialise the graph on the demo profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _demo_corpus(args: argparse.Namespace) -> None:
+    from megapairs_dagster.demo import write_demo_corpus
+
+    started = time.perf_counter()
+    paths = write_demo_corpus(args.out, args.shards, args.images_per_shard, args.seed)
+    print(f"wrote {len(paths)} shards × {args.images_per_shard} images to {args.out} "
+          f"in {time.perf_counter() - started:.1f}s")
+
+
+def _demo_benchmark(args: argparse.Namespace) -> None:
+    from megapairs_dagster.demo import write_demo_benchmark
+
+    out = write_demo_benchmark(args.out, args.queries, args.gallery, args.seed)
+    print(f"wrote the demo benchmark to {out}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    os.environ.setdefault("MEGAPAIRS_PROFILE", "demo")
+    from dagster import DagsterInstance
+
+    from megapairs_dagster.definitions import defs
+    from megapairs_dagster.demo import write_demo_shard
+    from megapairs_dagster.jobs.pipeline import materialize_pipeline
+    from megapairs_dagster.jobs.summary import format_summary, pipeline_summary
+    from megapairs_dagster.resources.profiles import resources_for
+    from megapairs_dagster.synthesis.readers import discover_shards
+
+    started = time.perf_counter()
+    home = Path(args.home)
+    corpus_dir = home / "demo_corpus"
+    for index in range(args.shards):
+        if not (corpus_dir / f"{index:05d}.tar").exists():
+            write_demo_shard(corpus_dir, index, args.images_per_shard, args.seed)
+    shard_keys = [shard.name for shard in discover_shards(str(corpus_dir))]
+    print(f"demo corpus: {len(shard_keys)} shards in {corpus_dir}")
+    resources = resources_for("demo", str(home))
+    instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+    assets = list(defs.assets)
+    materialize_pipeline(assets, resources, instance, shard_keys)
+    summary = pipeline_summary(resources["store"].client(), shard_keys)
+    print("\n" + format_summary(summary))
+    print(f"\ndemo pipeline finished in {time.perf_counter() - started:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="megapairs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    corpus = commands.add_parser("demo-corpus", help="write the procedural demo corpus")
+    corpus.add_argument("--out", default="data/demo_corpus")
+    corpus.add_argument("--shards", type=int, default=4)
+    corpus.add_argument("--images-per-shard", type=int, default=500)
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.set_defaults(run=_demo_corpus)
+
+    bench = commands.add_parser("demo-benchmark", help="write the demo CIR benchmark")
+    bench.add_argument("--out", default="data/demo_benchmark")
+    bench.add_argument("--queries", type=int, default=200)
+    bench.add_argument("--gallery", type=int, default=1000)
+    bench.add_argument("--seed", type=int, default=1234)
+    bench.set_defaults(run=_demo_benchmark)
+
+    demo = commands.add_parser("demo", help="materialise the whole graph on the demo profile")
+    demo.add_argument("--home", default=os.environ.get("MEGAPAIRS_HOME", "data"))
+    demo.add_argument("--shards", type=int, default=4)
+    demo.add_argument("--images-per-shard", type=int, default=500)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"megapairs {args.command}: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""What the artifact store holds after a run, as numbers a person can read."""
+
+
+from collections import Counter
+from collections.abc import Sequence
+
+from megapairs_dagster.resources.store import artifact_relpath, load_artifact
+from megapairs_dagster.storage import ArtifactStoreClient
+from megapairs_dagster.synthesis.views import VIEWS
+
+
+def pipeline_summary(store: ArtifactStoreClient, shard_keys: Sequence[str]) -> dict:
+    summary: dict = {"shards": len(shard_keys), "images": 0, "rejects": Counter()}
+    for key in shard_keys:
+        summary["images"] += len(load_artifact(store, artifact_relpath(["corpus_images"], key)))
+        rejects = load_artifact(store, artifact_relpath(["corpus_rejects"], key))
+        summary["rejects"].update(rejects["reason"])
+    encoders = load_artifact(store, artifact_relpath(["base_encoders"], None))
+    curve = encoders.get("bootstrap", {}).get("curve", [])
+    if curve:
+        summary["bootstrap"] = {"seconds": curve[-1]["seconds"], **{
+            name: max(point[name] for point in curve)
+            for name in ("image_to_text_r1", "text_to_image_r1")
+        }}
+    summary["indexes"] = {}
+    for view in VIEWS:
+        index = load_artifact(store, artifact_relpath([f"knn_index_{view}"], None))
+        summary["indexes"][view] = {
+            "spec": index.produced_by.get("spec"),
+            "vectors": len(index.ids),
+            "recall": index.produced_by.get("recall"),
+        }
+    summary["views"] = load_artifact(store, artifact_relpath(["view_report"], None))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    rejects = summary["rejects"]
+    lines = [
+        f"shards: {summary['shards']}   images: {summary['images']}   "
+        + f"rejects: {sum(rejects.values())} {dict(rejects) or ''}"
+    ]
+    if "bootstrap" in summary:
+        boot = summary["bootstrap"]
+        lines.append(
+            f"demo CLIP bootstrap: {boot['seconds']:.0f}s, held-out caption retrieval "
+            f"R@1 image→text {boot['image_to_text_r1']:.1%}, text→image {boot['text_to_image_r1']:.1%}"
+        )
+    for view, index in summary["indexes"].items():
+        recall = index["recall"]
+        lines.append(
+            f"knn_index_{view}: {index['spec']} over {index['vectors']} vectors"
+            + (f", recall@20 {recall:.3f}" if recall is not None else "")
+        )
+    views = summary["views"]
+    relation_names = next(
+        (list(v["relation_differs"]) for v in views.values() if "relation_differs" in v), []
+    )
+    header = f"{'view':<13}{'window':>13}{'in-window':>10}{'caption overlap (random)':>26}"
+    lines += ["", header + "".join(f"{name[:9]:>10}" for name in relation_names)]
+    for view, report in views.items():
+        low, high = report["window"]
+        row = (
+            f"{view:<13}{f'{low:.2f}–{high:.2f}':>13}{report['in_window']:>10}"
+            f"{report['caption_overlap_in_window']:>15.2f} ({report['caption_overlap_random']:.2f})"
+            + " " * 4
+        )
+        row += "".join(
+            f"{report['relation_differs'][name]:>10.0%}" for name in relation_names
+        ) if relation_names else ""
+        lines.append(row)
+    if relation_names:
+        lines.append("(attribute columns: share of in-window neighbours differing in it)")
+    return "\n".join(lines)

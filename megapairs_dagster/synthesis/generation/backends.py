@@ -1,0 +1,85 @@
+"""Instruction-generation backends by name: one place that maps configuration to objects.
+
+``template`` needs no model (the offline default); ``transformers`` runs local Hugging Face
+models. vLLM (in-process) and OpenAI-compatible servers plug in here as further names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megapairs_dagster.synthesis.generation.base import DescriptionBackend, InstructionBackend
+from megapairs_dagster.synthesis.generation.prompts import (
+    render_description_prompt,
+    render_instruction_prompt,
+)
+
+BACKENDS = ("template", "transformers")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    backend: str = "template"
+    description_model: str | None = None  # MLLM: local directory or hub id
+    instruction_model: str | None = None  # LLM: local directory or hub id
+    prompt_version: str = "v1"
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+def make_describer(settings: BackendSettings) -> DescriptionBackend:
+    """The MLLM step's backend that ``settings`` names."""
+    if settings.backend == "template":
+        from megapairs_dagster.synthesis.generation.template import TemplateDescriber
+
+        return TemplateDescriber()
+    from megapairs_dagster.synthesis.generation.hf import TransformersDescriber
+
+    version = settings.prompt_version
+    return TransformersDescriber(
+        _model(settings, "description_model"),
+        render_prompt=lambda request: render_description_prompt(request.word_budget, version),
+        **_generation_kwargs(settings),
+    )
+
+
+def make_instructor(settings: BackendSettings) -> InstructionBackend:
+    """The LLM step's backend that ``settings`` names."""
+    if settings.backend == "template":
+        from megapairs_dagster.synthesis.generation.template import TemplateInstructor
+
+        return TemplateInstructor()
+    from megapairs_dagster.synthesis.generation.hf import TransformersInstructor
+
+    version = settings.prompt_version
+    return TransformersInstructor(
+        _model(settings, "instruction_model"),
+        render_prompt=lambda request: render_instruction_prompt(
+            request.description, request.demonstrations, version
+        ),
+        **_generation_kwargs(settings),
+    )
+
+
+def _model(settings: BackendSettings, field: str) -> str:
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {settings.backend!r}; expected one of {BACKENDS}")
+    model = getattr(settings, field)
+    if not model:
+        raise ValueError(f"the {settings.backend} backend needs {field} (a local directory or hub id)")
+    return model
+
+
+def _generation_kwargs(settings: BackendSettings) -> dict:
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "temperature": settings.temperature,
+        "batch_size": settings.batch_size,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "trust_remote_code": settings.trust_remote_code,
+    }

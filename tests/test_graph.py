@@ -1,0 +1,127 @@
+"""The whole foundation graph, materialised in process on a small demo profile."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SMALL_SHARD, small_demo_resources
+from dagster import AssetKey, DagsterInstance, build_sensor_context
+
+from megapairs_dagster.definitions import defs
+from megapairs_dagster.demo import write_demo_shard
+from megapairs_dagster.jobs.pipeline import materialize_pipeline
+from megapairs_dagster.jobs.sensors import shard_sensor
+from megapairs_dagster.resources.store import artifact_relpath, load_artifact
+from megapairs_dagster.synthesis.diagnostics import caption_overlap
+from megapairs_dagster.synthesis.views import VIEWS
+
+PER_SHARD_ASSETS = ["corpus_images", "corpus_rejects"] + [
+    f"{stage}_{view}" for stage in ("embeddings", "neighbors") for view in VIEWS
+] + ["image_pairs", "pair_descriptions", "description_rejects", "instructions",
+      "instruction_rejects"]
+
+
+@pytest.fixture(scope="module")
+def two_shard_run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("graph")
+    for shard in (0, 1):
+        write_demo_shard(home / "demo_corpus", shard, SMALL_SHARD, seed=0)
+    resources = small_demo_resources(home)
+    instance = DagsterInstance.ephemeral()
+    done = materialize_pipeline(
+        list(defs.assets), resources, instance, ["00000", "00001"], log=lambda _: None
+    )
+    return home, resources, instance, done
+
+
+def test_every_asset_materialises_for_two_shards(two_shard_run):
+    _, resources, instance, done = two_shard_run
+    for name in PER_SHARD_ASSETS:
+        assert done[name] == ["00000", "00001"], name
+        assert instance.get_materialized_partitions(AssetKey(name)) == {"00000", "00001"}
+    store = resources["store"].client()
+    for shard in ("00000", "00001"):
+        images = load_artifact(store, artifact_relpath(["corpus_images"], shard))
+        assert len(images) == SMALL_SHARD
+        for view in VIEWS:
+            emb = load_artifact(store, artifact_relpath([f"embeddings_{view}"], shard))
+            assert emb.vectors.dtype == np.float16
+            np.testing.assert_array_equal(emb.ids, images["image_id"].to_numpy())
+            norms = np.linalg.norm(emb.vectors.astype(np.float32), axis=1)
+            np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+            neighbors = load_artifact(store, artifact_relpath([f"neighbors_{view}"], shard))
+            assert len(neighbors) == SMALL_SHARD
+            for image_id, ids, scores in neighbors.itertuples(index=False):
+                assert image_id not in set(ids) and len(set(ids)) == len(ids)
+                assert list(scores) == sorted(scores, reverse=True)
+
+
+def test_recall_checks_pass_and_artifacts_record_their_producer(two_shard_run):
+    resources = two_shard_run[1]
+    store = resources["store"].client()
+    for view in VIEWS:
+        index = load_artifact(store, artifact_relpath([f"knn_index_{view}"], None))
+        assert index.produced_by["spec"] == "Flat" and index.produced_by["recall"] == 1.0
+        assert index.produced_by["shards"] == ["00000", "00001"]
+        assert index.produced_by["run_id"]
+    images = load_artifact(store, artifact_relpath(["corpus_images"], "00000"))
+    assert images.attrs["produced_by"]["asset"] == "corpus_images"
+    assert images.attrs["produced_by"]["partition"] == "00000"
+
+
+def test_nearest_neighbours_share_more_caption_words_than_random_pairs(two_shard_run):
+    """A measured check that each view means something: its 3 nearest neighbours describe
+    more of the same content than random images do."""
+    _, resources, _, _ = two_shard_run
+    store = resources["store"].client()
+    images = pd.concat(
+        [load_artifact(store, artifact_relpath(["corpus_images"], s)) for s in ("00000", "00001")]
+    )
+    captions = dict(zip(images["image_id"], images["caption"]))
+    rng = np.random.default_rng(0)
+    random_pairs = rng.choice(images["image_id"].to_numpy(), size=(2000, 2))
+    random_overlap = np.mean([caption_overlap(captions[a], captions[b]) for a, b in random_pairs])
+    for view in VIEWS:
+        neighbors = pd.concat(
+            [load_artifact(store, artifact_relpath([f"neighbors_{view}"], s)) for s in ("00000", "00001")]
+        )
+        overlap = np.mean([
+            caption_overlap(captions[query], captions[neighbor])
+            for query, ids in zip(neighbors["image_id"], neighbors["neighbor_ids"])
+            for neighbor in list(ids)[:3]
+        ])
+        assert overlap > random_overlap + 0.03, (view, overlap, random_overlap)
+    report = load_artifact(store, artifact_relpath(["view_report"], None))
+    assert set(report) == set(VIEWS)
+    assert all(report[view]["relation_pairs"] > 0 for view in VIEWS)
+
+
+def test_a_new_shard_recomputes_only_its_own_partitions(two_shard_run):
+    home, resources, instance, _ = two_shard_run
+    write_demo_shard(home / "demo_corpus", 2, SMALL_SHARD, seed=0)
+    before = {
+        name: len(instance.fetch_materializations(AssetKey(name), limit=100).records)
+        for name in PER_SHARD_ASSETS + ["base_encoders"]
+    }
+    done = materialize_pipeline(
+        list(defs.assets), resources, instance, ["00000", "00001", "00002"], log=lambda _: None
+    )
+    for name in PER_SHARD_ASSETS:
+        assert done[name] == ["00002"], name
+        after = len(instance.fetch_materializations(AssetKey(name), limit=100).records)
+        assert after == before[name] + 1, name
+    assert "base_encoders" not in done  # the baseline encoders are not retrained
+    assert all(done[f"knn_index_{view}"] == ["(global)"] for view in VIEWS)
+    index = load_artifact(resources["store"].client(), artifact_relpath(["knn_index_clip_image"], None))
+    assert len(index.ids) == 3 * SMALL_SHARD
+
+
+def test_sensor_adds_partitions_for_new_shards_only(tmp_path):
+    for shard in (0, 1):
+        write_demo_shard(tmp_path / "demo_corpus", shard, 8, seed=0)
+    resources = small_demo_resources(tmp_path)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00000"])
+    with build_sensor_context(instance=instance, resources=resources) as context:
+        result = shard_sensor(context)
+    assert [request.partition_key for request in result.run_requests] == ["00001"]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["00001"]
