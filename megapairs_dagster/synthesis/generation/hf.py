@@ -1,0 +1,322 @@
+"""Hugging Face ``transformers`` backends for both generation steps (MLLM and LLM).
+
+Models come from a local directory or a hub id (read from the local cache when
+``HF_HUB_OFFLINE=1``). Prompts are rendered by an injected callable, so these classes only
+turn prompts into raw text; parsing and validation live elsewhere.
+
+Seeding: sampling uses the Gumbel-max trick with one ``torch.Generator`` per request, seeded
+with the request's seed. A request's output therefore depends on its prompt and seed only,
+not on the batch it shares or its position in it, so retries and re-batching reproduce it.
+``temperature == 0`` means greedy decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from PIL import Image
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
+
+# Files that decide a model's output: weights, configs, tokenizer and chat templates.
+_HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".tiktoken", ".txt", ".py")
+_SEED_MASK = (1 << 64) - 1  # torch seeds are unsigned 64-bit; any int maps into range
+
+
+def resolve_model_dir(name: str) -> Path:
+    """The local directory of a model given as a path or a hub id, or a FileNotFoundError naming it.
+
+    Checked before loading so a typo fails at once with the name in the message instead of
+    deep inside ``from_pretrained``.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name.startswith((".", "~")) or path.exists():
+        raise FileNotFoundError(f"model directory {name!r} does not exist or is not a directory")
+    try:
+        return Path(snapshot_download(name, allow_patterns=["config.json"]))
+    except (HFValidationError, OSError) as error:
+        raise FileNotFoundError(
+            f"model {name!r} is neither a local directory nor a hub id available here "
+            f"(with HF_HUB_OFFLINE=1 only cached models load): {error}"
+        ) from error
+
+
+def model_file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file in ``directory`` that decides the model's output, by file name."""
+    hashes = {}
+    for file in sorted(directory.iterdir()):
+        if file.is_file() and file.name.endswith(_HASHED_SUFFIXES):
+            digest = hashlib.sha256()
+            with file.open("rb") as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+            hashes[file.name] = digest.hexdigest()
+    return hashes
+
+
+def decode_image(data: bytes, pair_id: str, role: str) -> Image.Image:
+    """An RGB image, or a ValueError naming the pair so the driver can reject just that pair."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"pair {pair_id}: cannot decode the {role} image: {error}") from error
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples every row from its own seeded generator (Gumbel-max), then lets greedy pick.
+
+    ``generate`` runs with ``do_sample=False``; adding Gumbel noise to the tempered,
+    top-p-filtered log-probabilities makes the argmax an exact sample from that distribution.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device):
+        self._generators = [
+            torch.Generator(device=device).manual_seed(seed & _SEED_MASK) for seed in seeds
+        ]
+        self._warpers = [TemperatureLogitsWarper(temperature)]
+        if top_p < 1.0:
+            self._warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        for warper in self._warpers:
+            scores = warper(input_ids, scores)
+        uniform = torch.stack([
+            torch.rand(scores.shape[-1], generator=generator, device=scores.device)
+            for generator in self._generators
+        ])
+        return scores - torch.log(-torch.log(uniform))
+
+
+class _TransformersBackend:
+    """Shared loading, batching and seeded generation of both backends."""
+
+    backend_name: str
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        batch_size: int,
+        device: str,
+        dtype: str,
+        trust_remote_code: bool,
+    ):
+        if temperature < 0 or not 0 < top_p <= 1 or batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(
+                "need temperature >= 0, 0 < top_p <= 1, batch_size >= 1 and max_new_tokens >= 1"
+            )
+        directory = resolve_model_dir(model_path)
+        self.device = torch.device(device)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.batch_size = batch_size
+        # Handed to from_pretrained as is (device_map would need accelerate, not a dependency).
+        self.load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+        self.tokenizer: Any = None  # set by ``_load``; the processor's tokenizer for an MLLM
+        self.model = self._load(model_path).to(self.device).eval()
+        self.identity = {
+            "backend": self.backend_name,
+            "model": model_path,
+            "model_class": type(self.model).__name__,
+            "file_sha256": model_file_hashes(directory),
+            "settings": {
+                "max_new_tokens": max_new_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "sampling": "greedy" if temperature == 0 else "gumbel-max, one generator per request",
+                "batch_size": batch_size,
+                "dtype": str(self.model.dtype),
+                "device": str(self.device),
+                "trust_remote_code": trust_remote_code,
+            },
+        }
+
+    def _load(self, model_path: str) -> torch.nn.Module:
+        """Load the preprocessing side (left-padded) and return the model."""
+        raise NotImplementedError
+
+    def _generate(self, inputs: dict[str, torch.Tensor], seeds: Sequence[int]) -> list[str]:
+        """Generate for one padded batch and decode only the new tokens of each row."""
+        # Pixel values follow the model's dtype; not every vision tower casts them itself.
+        inputs = {
+            key: value.to(self.device, self.model.dtype) if value.is_floating_point()
+            else value.to(self.device)
+            for key, value in inputs.items()
+        }
+        processors = LogitsProcessorList()
+        if self.temperature > 0:
+            processors.append(SeededSampler(seeds, self.temperature, self.top_p, self.device))
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=processors,
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def _left_padded(tokenizer: Any) -> Any:
+    """Decoder-only batches must be padded on the left so new tokens follow every prompt."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _starts_with_bos(text: str, tokenizer: Any) -> bool:
+    """Chat templates often write the bos token themselves; it must not be added twice."""
+    return tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+
+
+class TransformersInstructor(_TransformersBackend):
+    """LLM step: a local causal LM rewrites each description into instructions."""
+
+    backend_name = "transformers"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        render_prompt: Callable[[InstructionRequest], str],
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        self.render_prompt = render_prompt
+        super().__init__(
+            model_path, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        )
+
+    def _load(self, model_path: str) -> torch.nn.Module:
+        trust = self.load_kwargs["trust_remote_code"]
+        self.tokenizer = _left_padded(
+            AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+        )
+        return AutoModelForCausalLM.from_pretrained(model_path, **self.load_kwargs)
+
+    def format_prompt(self, request: InstructionRequest) -> str:
+        """The exact text the model sees: the chat template's user turn, or the plain prompt."""
+        prompt = self.render_prompt(request)
+        if self.tokenizer.chat_template is None:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    def instruct(self, requests: Sequence[InstructionRequest]) -> list[str]:
+        outputs: list[str] = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start:start + self.batch_size]
+            texts = [self.format_prompt(request) for request in batch]
+            inputs = self.tokenizer(
+                texts, padding=True, return_tensors="pt",
+                add_special_tokens=not _starts_with_bos(texts[0], self.tokenizer),
+            )
+            outputs += self._generate(inputs, [request.seed for request in batch])
+        return outputs
+
+
+class TransformersDescriber(_TransformersBackend):
+    """MLLM step: a local vision-language model describes each (query, target) image pair.
+
+    Loaded through ``AutoModelForImageTextToText`` and ``AutoProcessor`` (LLaVA, and other
+    families whose processors accept two images per chat turn). The query image comes first.
+    """
+
+    backend_name = "transformers"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        render_prompt: Callable[[DescriptionRequest], str],
+        max_new_tokens: int = 192,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        self.render_prompt = render_prompt
+        self.processor: Any = None
+        super().__init__(
+            model_path, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        )
+
+    def _load(self, model_path: str) -> torch.nn.Module:
+        trust = self.load_kwargs["trust_remote_code"]
+        self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust)
+        self.tokenizer = _left_padded(self.processor.tokenizer)
+        return AutoModelForImageTextToText.from_pretrained(model_path, **self.load_kwargs)
+
+    def format_prompt(self, request: DescriptionRequest) -> str:
+        """The exact text the model sees, with two image placeholders (query, then target)."""
+        prompt = self.render_prompt(request)
+        if self.processor.chat_template is None:
+            image = self.processor.image_token
+            return f"{image}\n{image}\n{prompt}"
+        content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": prompt}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    def describe(self, requests: Sequence[DescriptionRequest]) -> list[str]:
+        # Decode everything once up front so a bad image fails before any generation, but
+        # keep only one batch of decoded images in memory (a shard can hold many pairs).
+        for request in requests:
+            _pair_images(request)
+        outputs: list[str] = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start:start + self.batch_size]
+            texts = [self.format_prompt(request) for request in batch]
+            inputs = self.processor(
+                text=texts, images=[_pair_images(request) for request in batch], padding=True,
+                return_tensors="pt",
+                add_special_tokens=not _starts_with_bos(texts[0], self.tokenizer),
+            )
+            outputs += self._generate(inputs, [request.seed for request in batch])
+        return outputs
+
+
+def _pair_images(request: DescriptionRequest) -> list[Image.Image]:
+    """The query image, then the target image, as the prompt's placeholders expect them."""
+    pair = request.pair
+    return [
+        decode_image(pair.query_jpeg, pair.pair_id, "query"),
+        decode_image(pair.target_jpeg, pair.pair_id, "target"),
+    ]
