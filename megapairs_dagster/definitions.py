@@ -10,13 +10,14 @@ from megapairs_dagster.assets import (
     instructions,
     knn,
     pairs,
+    triplets,
 )
 from megapairs_dagster.jobs import jobs, sensors
 from megapairs_dagster.resources.profiles import resources_for
 
 defs = Definitions(
     assets=load_assets_from_modules(
-        [corpus, encoders, embeddings, knn, diagnostics, pairs, instructions]
+        [corpus, encoders, embeddings, knn, diagnostics, pairs, instructions, triplets]
     ),
     jobs=jobs,
     sensors=sensors,

@@ -1,10 +1,12 @@
 """The whole foundation graph, materialised in process on a small demo profile."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import SMALL_SHARD, small_demo_resources
-from dagster import AssetKey, DagsterInstance, build_sensor_context
+from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
 
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
@@ -12,12 +14,14 @@ from megapairs_dagster.jobs.pipeline import materialize_pipeline
 from megapairs_dagster.jobs.sensors import shard_sensor
 from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.synthesis.diagnostics import caption_overlap
+from megapairs_dagster.synthesis.megapairs_format import read_megapairs
+from megapairs_dagster.synthesis.triplet_store import TripletStore
 from megapairs_dagster.synthesis.views import VIEWS
 
 PER_SHARD_ASSETS = ["corpus_images", "corpus_rejects"] + [
     f"{stage}_{view}" for stage in ("embeddings", "neighbors") for view in VIEWS
 ] + ["image_pairs", "pair_descriptions", "description_rejects", "instructions",
-      "instruction_rejects"]
+      "instruction_rejects", "triplets"]
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +129,35 @@ def test_sensor_adds_partitions_for_new_shards_only(tmp_path):
         result = shard_sensor(context)
     assert [request.partition_key for request in result.run_requests] == ["00001"]
     assert result.dynamic_partitions_requests[0].partition_keys == ["00001"]
+
+
+def test_triplets_land_in_duckdb_and_rematerialising_a_shard_keeps_the_count(two_shard_run):
+    _, resources, instance, _ = two_shard_run
+    store = resources["store"].client()
+    database = TripletStore(resources["triplet_db"].path)
+    counts = database.counts()
+    shard_keys = sorted(instance.get_materialized_partitions(AssetKey("triplets")))
+    expected = sum(
+        len(load_artifact(store, artifact_relpath(["instructions"], shard))) for shard in shard_keys
+    )
+    assert counts["triplets"] == expected > 0
+    assert counts["images"] == len(shard_keys) * SMALL_SHARD
+    frame = database.triplets_frame()
+    assert all(len(instructions) >= 3 for instructions in frame["instructions"])
+    assert all(negatives[0] == query for query, negatives in zip(frame["query_id"], frame["hard_negative_ids"]))
+    assert set(frame["generator_backend"]) == {"template"} and set(frame["prompt_version"]) == {"v1"}
+
+    materialize(list(defs.assets), selection=["triplets"], partition_key="00000",
+                resources=resources, instance=instance)
+    assert database.counts() == counts and database.duplicate_pairs() == 0
+
+
+def test_export_is_readable_in_the_released_format(two_shard_run):
+    _, resources, _, done = two_shard_run
+    assert done["megapairs_export"] == ["(global)"]
+    url = resources["store"].client().url("megapairs_export", "megapairs.jsonl")
+    records = list(read_megapairs(url))
+    assert len(records) == TripletStore(resources["triplet_db"].path).counts()["triplets"]
+    for record in records[:20]:
+        assert record.hns[0] == record.q_img and len(record.q_text) >= 3
+        assert Path(record.resolve(record.t_img)).read_bytes()[:2] == b"\xff\xd8"  # a JPEG

@@ -33,6 +33,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(("image_pairs",), per_shard=True),
     Stage(("pair_descriptions", "description_rejects"), per_shard=True),
     Stage(("instructions", "instruction_rejects"), per_shard=True),
+    Stage(("triplets",), per_shard=True),
+    Stage(("megapairs_export",), per_shard=False),
 )
 
 

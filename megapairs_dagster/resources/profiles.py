@@ -15,6 +15,7 @@ from megapairs_dagster.resources.settings import (
     Encoders,
     Generation,
     Mining,
+    TripletDatabase,
 )
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.synthesis.encoders import DEMO_DINO_IMAGE_SIZE
@@ -62,4 +63,5 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
         "compute": Compute(cache_dir=f"{home}/cache"),
         "mining": mining,
         "generation": generation,
+        "triplet_db": TripletDatabase(path=f"{home}/megapairs.duckdb"),
     }

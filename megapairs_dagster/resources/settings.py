@@ -113,3 +113,12 @@ class Generation(ConfigurableResource):
     min_parse_rate: float = Field(
         default=0.9, description="Asset check: share of pairs that must yield instructions."
     )
+
+
+class TripletDatabase(ConfigurableResource):
+    """The DuckDB file holding the ``triplets`` and ``images`` tables (one writer at a time)."""
+
+    path: str = Field(default="data/megapairs.duckdb", description="Local DuckDB file.")
+    lock_timeout_s: float = Field(
+        default=900, description="How long a writer waits for another process's write."
+    )
