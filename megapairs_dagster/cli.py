@@ -40,6 +40,7 @@ def _demo(args: argparse.Namespace) -> None:
     from megapairs_dagster.jobs.summary import format_summary, pipeline_summary
     from megapairs_dagster.resources.profiles import resources_for
     from megapairs_dagster.synthesis.readers import discover_shards
+    from megapairs_dagster.synthesis.triplet_store import TripletStore
 
     started = time.perf_counter()
     home = Path(args.home)
@@ -52,8 +53,10 @@ def _demo(args: argparse.Namespace) -> None:
     resources = resources_for("demo", str(home))
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
     assets = list(defs.assets)
-    materialize_pipeline(assets, resources, instance, shard_keys)
+    materialize_pipeline(assets, resources, instance, shard_keys, refresh_from=args.refresh_from)
     summary = pipeline_summary(resources["store"].client(), shard_keys)
+    summary["triplets"] = TripletStore(resources["triplet_db"].path).counts()
+    summary["export"] = resources["store"].client().url("megapairs_export")
     print("\n" + format_summary(summary))
     print(f"\ndemo pipeline finished in {time.perf_counter() - started:.0f}s")
 
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--shards", type=int, default=4)
     demo.add_argument("--images-per-shard", type=int, default=500)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--refresh-from", metavar="ASSET",
+                      help="recompute this asset's stage and every later one for all shards")
     demo.set_defaults(run=_demo)
 
     args = parser.parse_args(argv)

@@ -45,14 +45,20 @@ def materialize_pipeline(
     shard_keys: Sequence[str],
     *,
     stages: Sequence[Stage] = STAGES,
+    refresh_from: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[str]]:
     """Run every stage for ``shard_keys``; returns what was materialised, per asset.
 
     Per-shard partitions that the instance already holds are skipped (a new shard never
     recomputes old ones); a global asset is rebuilt when any shard of this call was new to the
-    stage before it, or when it has never been materialised.
+    stage before it, or when it has never been materialised. ``refresh_from`` names an asset
+    whose stage and every later stage are recomputed for all shards (after a config change).
     """
+    names = [name for stage in stages for name in stage.assets]
+    if refresh_from is not None and refresh_from not in names:
+        raise ValueError(f"--refresh-from {refresh_from!r} is not one of {names}")
+    refreshing = False
     existing = set(instance.get_dynamic_partitions(shards.name))
     missing = [key for key in shard_keys if key not in existing]
     if missing:
@@ -61,8 +67,9 @@ def materialize_pipeline(
     shards_changed = False
     for stage in stages:
         first = AssetKey(stage.assets[0])
+        refreshing = refreshing or refresh_from in stage.assets
         if stage.per_shard:
-            materialized = instance.get_materialized_partitions(first)
+            materialized = set() if refreshing else instance.get_materialized_partitions(first)
             todo = [key for key in shard_keys if key not in materialized]
             for key in todo:
                 _run(assets, resources, instance, stage, key, log)
@@ -71,7 +78,7 @@ def materialize_pipeline(
                 done[name] = todo
         else:
             never = instance.get_latest_materialization_event(first) is None
-            if never or (shards_changed and stage.rebuild_when_shards_change):
+            if never or refreshing or (shards_changed and stage.rebuild_when_shards_change):
                 _run(assets, resources, instance, stage, None, log)
                 for name in stage.assets:
                     done[name] = ["(global)"]

@@ -31,6 +31,15 @@ def pipeline_summary(store: ArtifactStoreClient, shard_keys: Sequence[str]) -> d
             "recall": index.produced_by.get("recall"),
         }
     summary["views"] = load_artifact(store, artifact_relpath(["view_report"], None))
+    pairs = [load_artifact(store, artifact_relpath(["image_pairs"], key)) for key in shard_keys]
+    summary["pairs"] = sum(len(frame) for frame in pairs)
+    summary["pairs_per_view"] = Counter(v for frame in pairs for views in frame["views"] for v in views)
+    for stage in ("description_rejects", "instruction_rejects"):
+        frames = [load_artifact(store, artifact_relpath([stage], key)) for key in shard_keys]
+        summary[stage] = Counter(r for frame in frames for r in frame["reason"])
+    summary["instructions"] = sum(
+        len(load_artifact(store, artifact_relpath(["instructions"], key))) for key in shard_keys
+    )
     return summary
 
 
@@ -52,16 +61,28 @@ def format_summary(summary: dict) -> str:
             f"knn_index_{view}: {index['spec']} over {index['vectors']} vectors"
             + (f", recall@20 {recall:.3f}" if recall is not None else "")
         )
+    lines.append(
+        f"image_pairs: {summary['pairs']} ({summary['pairs'] / max(summary['images'], 1):.2f} per "
+        f"image; found by {dict(summary['pairs_per_view'])})"
+    )
+    for stage in ("description_rejects", "instruction_rejects"):
+        lines.append(f"{stage}: {sum(summary[stage].values())} {dict(summary[stage]) or ''}")
+    lines.append(f"instructions: {summary['instructions']} pairs with ≥ 3 instructions")
+    if "triplets" in summary:
+        lines.append(
+            f"DuckDB triplets: {summary['triplets']['triplets']} rows over "
+            f"{summary['triplets']['shards']} shards; export: {summary['export']}"
+        )
     views = summary["views"]
     relation_names = next(
         (list(v["relation_differs"]) for v in views.values() if "relation_differs" in v), []
     )
-    header = f"{'view':<13}{'window':>13}{'in-window':>10}{'caption overlap (random)':>26}"
+    header = f"{'view':<13}{'window':>15}{'in-window':>10}{'caption overlap (random)':>26}"
     lines += ["", header + "".join(f"{name[:9]:>10}" for name in relation_names)]
     for view, report in views.items():
         low, high = report["window"]
         row = (
-            f"{view:<13}{f'{low:.2f}–{high:.2f}':>13}{report['in_window']:>10}"
+            f"{view:<13}{f'{low:.4g}–{high:.4g}':>15}{report['in_window']:>10}"
             f"{report['caption_overlap_in_window']:>15.2f} ({report['caption_overlap_random']:.2f})"
             + " " * 4
         )

@@ -54,7 +54,7 @@ class Compute(ConfigurableResource):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 64
-    num_workers: int = Field(default=2, description="DataLoader workers decoding images.")
+    num_workers: int = Field(default=1, description="DataLoader workers decoding images.")
     cache_dir: str = Field(
         default="data/cache", description="Local copy of encoder weights kept in a remote store."
     )

@@ -7,8 +7,10 @@ forward pass; vectors are normalised in float32 and only then stored as float16.
 from __future__ import annotations
 
 import io
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +65,21 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+@contextmanager
+def _cpu_threads_left(device: torch.device, workers: int) -> Iterator[None]:
+    """On the CPU, leave the decoding workers their cores: oversubscribed torch threads
+    measured 2.5x slower on 2 cores (benchmarks/bench_embed.py)."""
+    if device.type != "cpu" or workers == 0:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _normalised_half(embeddings: torch.Tensor) -> np.ndarray:
     return F.normalize(embeddings.float(), dim=-1).cpu().numpy().astype(np.float16)
 
@@ -91,7 +108,9 @@ def embed_images(
         prefetch_factor=4 if workers > 0 else None,
     )
     done = 0
-    with torch.inference_mode(), _autocast(encoder.device, dtype):
+    with torch.inference_mode(), _autocast(encoder.device, dtype), _cpu_threads_left(
+        encoder.device, workers
+    ):
         for pixels in loader:
             batch = _normalised_half(encoder.encode(pixels))
             vectors[done : done + len(batch)] = batch

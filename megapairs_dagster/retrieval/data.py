@@ -1,0 +1,183 @@
+"""Training examples for MMRet: (query image, one instruction, target, hard negatives).
+
+Two sources: the DuckDB ``triplets`` table (through ``TripletStore``, images fetched by a
+caller-given ``image_bytes(image_id)``), or a file in the released MegaPairs format.
+
+Per item and step, as the MegaPairs dataset card says, ONE instruction is drawn at random
+from the pair's list. Hard negatives: the query image is always the first (the released
+data puts it first, so the model learns not to return the reference image itself); it is
+not loaded twice: the trainer reuses the query image's embedding. The other
+``hard_negatives - 1`` are drawn without replacement from the rest of the list; a shorter
+list is padded by drawing again with replacement (and a pair with no other negative repeats
+the query image). Every draw comes from a generator seeded by (seed, epoch, index), so an
+item is the same in every process, DataLoader worker and resumed run.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+
+from megapairs_dagster.synthesis.megapairs_format import read_megapairs
+from megapairs_dagster.synthesis.triplet_store import TripletStore
+
+DEFAULT_HARD_NEGATIVES = 4
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """One pair; image keys are whatever the source's image loader understands."""
+
+    query: Hashable
+    instructions: tuple[str, ...]
+    target: Hashable
+    negatives: tuple[Hashable, ...]  # excluding the query image
+
+
+class _ImageBytesLoader:
+    """Picklable loader over a caller's ``image_bytes`` (DataLoader workers call it)."""
+
+    def __init__(self, image_bytes: Callable[[int], bytes]):
+        self.image_bytes = image_bytes
+
+    def __call__(self, image_id: int) -> Image.Image:
+        return Image.open(io.BytesIO(self.image_bytes(int(image_id)))).convert("RGB")
+
+
+class _UrlLoader:
+    def __init__(self, storage_options: dict | None):
+        self.storage_options = storage_options or {}
+
+    def __call__(self, url: str) -> Image.Image:
+        with fsspec.open(url, "rb", **self.storage_options) as handle:
+            return Image.open(io.BytesIO(handle.read())).convert("RGB")
+
+
+class MMRetTrainingSet(torch.utils.data.Dataset):
+    """Items keyed by ``(epoch, index)`` (a plain ``index`` means epoch 0).
+
+    An item holds ``query`` pixels, ``instruction`` tokens, ``positive`` pixels,
+    ``negatives`` pixels [hard_negatives - 1, C, H, W] (the query image, the first hard
+    negative, is not repeated) and, when captions are given, the query's ``caption`` tokens
+    (for the optional image-caption alignment term).
+    """
+
+    def __init__(
+        self,
+        examples: list[PairExample],
+        load_image: Callable[[Hashable], Image.Image],
+        *,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        hard_negatives: int = DEFAULT_HARD_NEGATIVES,
+        captions: Mapping[Hashable, str] | None = None,
+        seed: int = 0,
+    ):
+        if hard_negatives < 1:
+            raise ValueError("hard_negatives counts the query image, so it must be >= 1")
+        if captions is not None:
+            missing = [example.query for example in examples if example.query not in captions]
+            if missing:
+                raise ValueError(f"no caption for {len(missing)} query image(s), e.g. {missing[:3]}")
+        self.examples = examples
+        self.load_image = load_image
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.hard_negatives = hard_negatives
+        self.captions = None if captions is None else {e.query: captions[e.query] for e in examples}
+        self.seed = seed
+
+    @classmethod
+    def from_triplet_store(
+        cls, store: TripletStore, image_bytes: Callable[[int], bytes], **options
+    ) -> MMRetTrainingSet:
+        """All triplets of the store; ``captions`` (if given) maps image_id -> caption."""
+        frame = store.triplets_frame()
+        examples = [
+            PairExample(
+                query=int(query),
+                instructions=tuple(instructions),
+                target=int(target),
+                negatives=tuple(int(n) for n in negatives if int(n) != int(query)),
+            )
+            for query, target, instructions, negatives in zip(
+                frame["query_id"], frame["target_id"], frame["instructions"],
+                frame["hard_negative_ids"],
+            )
+        ]
+        return cls(examples, _ImageBytesLoader(image_bytes), **options)
+
+    @classmethod
+    def from_megapairs(
+        cls, path_or_url: str, *, storage_options: dict | None = None, **options
+    ) -> MMRetTrainingSet:
+        """A released-format ``.jsonl``/``.parquet``; ``captions`` maps q_img (as written in
+        the file) -> caption."""
+        examples = []
+        captions = options.pop("captions", None)
+        resolved_captions = None if captions is None else {}
+        for record in read_megapairs(path_or_url, storage_options=storage_options):
+            query = record.resolve(record.q_img)
+            examples.append(
+                PairExample(
+                    query=query,
+                    instructions=tuple(record.q_text),
+                    target=record.resolve(record.t_img),
+                    negatives=tuple(record.resolve(h) for h in record.hns if h != record.q_img),
+                )
+            )
+            if captions is not None and record.q_img in captions:
+                resolved_captions[query] = captions[record.q_img]
+        return cls(
+            examples, _UrlLoader(storage_options), captions=resolved_captions, **options
+        )
+
+    @property
+    def has_captions(self) -> bool:
+        return self.captions is not None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def draw(self, epoch: int, index: int) -> tuple[str, list[Hashable]]:
+        """The instruction and the non-query hard negatives of item ``index`` in ``epoch``."""
+        example = self.examples[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        instruction = example.instructions[rng.integers(len(example.instructions))]
+        wanted = self.hard_negatives - 1
+        pool = list(example.negatives) or [example.query]
+        if len(pool) >= wanted:
+            picks = rng.choice(len(pool), size=wanted, replace=False)
+        else:
+            padding = rng.choice(len(pool), size=wanted - len(pool), replace=True)
+            picks = np.concatenate([np.arange(len(pool)), padding])
+        return instruction, [pool[int(i)] for i in picks]
+
+    def _tokens(self, text: str) -> torch.Tensor:
+        return self.tokenizer([text])[0]
+
+    def _pixels(self, key: Hashable) -> torch.Tensor:
+        return self.preprocess(self.load_image(key))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        example = self.examples[index]
+        instruction, negatives = self.draw(epoch, index)
+        query = self._pixels(example.query)
+        item = {
+            "query": query,
+            "instruction": self._tokens(instruction),
+            "positive": self._pixels(example.target),
+            "negatives": torch.stack([self._pixels(n) for n in negatives])
+            if negatives
+            else query.new_empty(0, *query.shape),
+        }
+        if self.captions is not None:
+            item["caption"] = self._tokens(self.captions[example.query])
+        return item
