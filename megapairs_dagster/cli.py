@@ -3,6 +3,7 @@
     megapairs demo-corpus --out data/demo_corpus      write the procedural demo corpus
     megapairs demo-benchmark --out data/demo_bench    write the demo CIR benchmark (CIRCO format)
     megapairs demo                                    materialise the graph on the demo profile
+    megapairs score circo --annotations F --predictions P   score a submission-format file
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from megapairs_dagster.benchmarks.cli import add_score_command
 
 
 def _demo_corpus(args: argparse.Namespace) -> None:
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--refresh-from", metavar="ASSET",
                       help="recompute this asset's stage and every later one for all shards")
     demo.set_defaults(run=_demo)
+
+    add_score_command(commands)
 
     args = parser.parse_args(argv)
     try:

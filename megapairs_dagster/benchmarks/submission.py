@@ -7,8 +7,9 @@ top 50 COCO image ids as integers, without duplicates.
 CIRR (Cuberick-Orion/CIRR ``Test-split_server.md`` and ``demo_files/``): one file per
 metric, a JSON object with ``"version": "rc2"``, ``"metric": "recall"`` or
 ``"recall_subset"``, and every pairid, as a string, mapped to its top 50 (recall) or
-top 3 (recall_subset) image names. As in the official exporters and the demo files, the
-reference image is left out of both lists and the subset list holds img_set members only.
+top 3 (recall_subset) image names. As in the repository's demo files (checked: no list
+holds its query's reference), the reference image is left out of both lists, and the
+subset list holds img_set members only.
 """
 
 from __future__ import annotations

@@ -1,1 +1,21 @@
 """Framework-free MMRet retrievers: models, losses, trainer, inference API (no dagster import)."""
+
+from .data import DEFAULT_HARD_NEGATIVES, MMRetTrainingSet, PairExample
+from .loss import composed_infonce, gather_global, image_caption_infonce
+from .model import VARIANTS, MMRetCLIP
+from .train import StepProgress, TrainConfig, TrainReport, train_mmret
+
+__all__ = [
+    "DEFAULT_HARD_NEGATIVES",
+    "VARIANTS",
+    "MMRetCLIP",
+    "MMRetTrainingSet",
+    "PairExample",
+    "StepProgress",
+    "TrainConfig",
+    "TrainReport",
+    "composed_infonce",
+    "gather_global",
+    "image_caption_infonce",
+    "train_mmret",
+]

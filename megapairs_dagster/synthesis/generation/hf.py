@@ -111,20 +111,23 @@ class SeededSampler(LogitsProcessor):
 class _TransformersBackend:
     """Shared loading, batching and seeded generation of both backends."""
 
-    backend_name: str
+    backend_name = "transformers"
 
     def __init__(
         self,
         model_path: str,
         *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        batch_size: int,
-        device: str,
-        dtype: str,
-        trust_remote_code: bool,
+        render_prompt: Callable,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
     ):
+        """``render_prompt(request) -> str`` writes the prompt text of one request."""
+        self.render_prompt = render_prompt
         if temperature < 0 or not 0 < top_p <= 1 or batch_size < 1 or max_new_tokens < 1:
             raise ValueError(
                 "need temperature >= 0, 0 < top_p <= 1, batch_size >= 1 and max_new_tokens >= 1"
@@ -199,27 +202,6 @@ def _starts_with_bos(text: str, tokenizer: Any) -> bool:
 class TransformersInstructor(_TransformersBackend):
     """LLM step: a local causal LM rewrites each description into instructions."""
 
-    backend_name = "transformers"
-
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        render_prompt: Callable[[InstructionRequest], str],
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        batch_size: int = 8,
-        device: str = "cpu",
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ):
-        self.render_prompt = render_prompt
-        super().__init__(
-            model_path, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        )
-
     def _load(self, model_path: str) -> torch.nn.Module:
         trust = self.load_kwargs["trust_remote_code"]
         self.tokenizer = _left_padded(
@@ -256,27 +238,7 @@ class TransformersDescriber(_TransformersBackend):
     families whose processors accept two images per chat turn). The query image comes first.
     """
 
-    backend_name = "transformers"
-
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        render_prompt: Callable[[DescriptionRequest], str],
-        max_new_tokens: int = 192,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        batch_size: int = 8,
-        device: str = "cpu",
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ):
-        self.render_prompt = render_prompt
-        self.processor: Any = None
-        super().__init__(
-            model_path, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        )
+    processor: Any = None
 
     def _load(self, model_path: str) -> torch.nn.Module:
         trust = self.load_kwargs["trust_remote_code"]
