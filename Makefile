@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-$(DAGSTER_HOME)/dagster.yaml:
+$(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+	cp config/dagster.yaml $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/megapairs demo

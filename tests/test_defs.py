@@ -49,3 +49,12 @@ def test_unknown_profile_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown profile"):
         resources_for("papr")
+
+
+def test_gpu_assets_share_a_pool_and_duckdb_writers_another():
+    graph = defs.resolve_asset_graph()
+    gpu = [f"embeddings_{view}" for view in VIEWS] + ["pair_descriptions", "instructions"]
+    for name in gpu:
+        node = graph.get(AssetKey(name))
+        assert node.pools == {"gpu"}, name
+    assert graph.get(AssetKey("triplets")).pools == {"duckdb"}

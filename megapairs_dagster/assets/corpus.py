@@ -6,6 +6,7 @@ from collections import Counter
 from dagster import AssetExecutionContext, AssetOut, MetadataValue, Output, multi_asset
 
 from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.assets.policies import TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import CorpusSource
 from megapairs_dagster.synthesis.ingest import ingest_shard
 from megapairs_dagster.synthesis.readers import discover_shards
@@ -26,6 +27,7 @@ from megapairs_dagster.synthesis.readers import discover_shards
     partitions_def=shards,
     group_name="corpus",
     code_version="1",
+    retry_policy=TRANSIENT_RETRY,
 )
 def corpus(context: AssetExecutionContext, corpus_source: CorpusSource):
     options = corpus_source.storage_options()

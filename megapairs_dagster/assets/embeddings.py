@@ -9,6 +9,7 @@ from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataVa
 
 from megapairs_dagster.artifacts import Embeddings
 from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Compute
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.embed import embed_images, embed_texts
@@ -44,7 +45,9 @@ def build_embeddings_asset(view: str) -> AssetsDefinition:
         code_version="1",
         description=f"L2-normalised float16 {VIEWS[view]} embeddings, row-aligned with "
         "corpus_images.",
-        op_tags={"megapairs/accelerator": "gpu"},
+        pool=GPU_POOL,
+        op_tags=GPU_TAGS,
+        retry_policy=TRANSIENT_RETRY,
     )
     def _embeddings(
         context: AssetExecutionContext,

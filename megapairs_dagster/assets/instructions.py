@@ -21,6 +21,7 @@ from dagster import (
 
 from megapairs_dagster.assets.lookup import image_rows
 from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Generation
 from megapairs_dagster.resources.store import ArtifactStore, read_table, write_table
 from megapairs_dagster.synthesis.chunked import config_hash, run_in_chunks
@@ -142,7 +143,9 @@ def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
     partitions_def=shards,
     group_name="instructions",
     code_version="1",
-    op_tags={"megapairs/accelerator": "gpu"},
+    pool=GPU_POOL,
+    op_tags=GPU_TAGS,
+    retry_policy=TRANSIENT_RETRY,
 )
 def pair_descriptions(
     context: AssetExecutionContext,
@@ -192,7 +195,9 @@ def pair_descriptions(
     group_name="instructions",
     code_version="1",
     check_specs=[AssetCheckSpec("parse_rate", asset="instructions")],
-    op_tags={"megapairs/accelerator": "gpu"},
+    pool=GPU_POOL,
+    op_tags=GPU_TAGS,
+    retry_policy=TRANSIENT_RETRY,
 )
 def instructions(
     context: AssetExecutionContext,

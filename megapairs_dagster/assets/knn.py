@@ -18,6 +18,7 @@ from pydantic import Field
 
 from megapairs_dagster.artifacts import Embeddings, KnnIndexArtifact
 from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.assets.policies import TRANSIENT_RETRY
 from megapairs_dagster.synthesis.knn import (
     build_index,
     choose_index_spec,
@@ -95,6 +96,7 @@ def build_knn_assets(view: str) -> list[AssetsDefinition]:
         group_name="knn",
         ins={"embeddings": AssetIn(f"embeddings_{view}"), "index": AssetIn(index_name)},
         code_version="1",
+        retry_policy=TRANSIENT_RETRY,
         description=f"Top-k {VIEWS[view]} neighbours of each image of the shard, with scores "
         "(the image itself and exact duplicates excluded).",
     )

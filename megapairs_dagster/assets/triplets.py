@@ -16,6 +16,7 @@ from dagster import (
 
 from megapairs_dagster.assets.lookup import image_rows
 from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.assets.policies import TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import TripletDatabase
 from megapairs_dagster.resources.store import ArtifactStore, artifact_relpath, load_columns
 from megapairs_dagster.synthesis.megapairs_format import write_megapairs
@@ -38,6 +39,7 @@ def triplet_store(database: TripletDatabase) -> TripletStore:
     deps=[AssetDep("corpus_images")],
     code_version="1",
     pool="duckdb",
+    retry_policy=TRANSIENT_RETRY,
     check_specs=[AssetCheckSpec("no_duplicate_pairs", asset="triplets")],
     description="Rows of the DuckDB tables `triplets` (one per pair with instructions) and "
     "`images`; materialising a shard replaces its rows in one transaction.",

@@ -1,0 +1,15 @@
+"""Execution policies shared by the assets: retries for transient failures, GPU placement."""
+
+from dagster import Backoff, Jitter, RetryPolicy
+
+# S3 hiccups and model-server restarts are transient: retry with growing, jittered delays.
+TRANSIENT_RETRY = RetryPolicy(max_retries=2, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+
+# Assets that use an accelerator: the `gpu` pool caps them at the number of GPUs, and the
+# dagster-k8s tag turns into a GPU request when runs go to Kubernetes.
+GPU_POOL = "gpu"
+GPU_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+    }
+}
