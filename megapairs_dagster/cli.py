@@ -40,7 +40,7 @@ def _demo(args: argparse.Namespace) -> None:
     from megapairs_dagster.definitions import defs
     from megapairs_dagster.demo import write_demo_shard
     from megapairs_dagster.jobs.pipeline import materialize_pipeline
-    from megapairs_dagster.jobs.summary import format_summary, pipeline_summary
+    from megapairs_dagster.jobs.summary import format_scores, format_summary, pipeline_summary
     from megapairs_dagster.resources.profiles import resources_for
     from megapairs_dagster.synthesis.readers import discover_shards
     from megapairs_dagster.synthesis.triplet_store import TripletStore
@@ -58,9 +58,11 @@ def _demo(args: argparse.Namespace) -> None:
     assets = list(defs.assets)
     materialize_pipeline(assets, resources, instance, shard_keys, refresh_from=args.refresh_from)
     summary = pipeline_summary(resources["store"].client(), shard_keys)
-    summary["triplets"] = TripletStore(resources["triplet_db"].path).counts()
+    database = TripletStore(resources["triplet_db"].path)
+    summary["triplets"] = database.counts()
     summary["export"] = resources["store"].client().url("megapairs_export")
     print("\n" + format_summary(summary))
+    print("\n" + format_scores(database.scores_frame()))
     print(f"\ndemo pipeline finished in {time.perf_counter() - started:.0f}s")
 
 

@@ -7,19 +7,23 @@ from megapairs_dagster.assets import (
     diagnostics,
     embeddings,
     encoders,
+    evaluation,
     instructions,
     knn,
     pairs,
+    training,
     triplets,
 )
-from megapairs_dagster.jobs import jobs, sensors
+from megapairs_dagster.jobs import jobs, schedules, sensors, with_automation
 from megapairs_dagster.resources.profiles import resources_for
 
 defs = Definitions(
-    assets=load_assets_from_modules(
-        [corpus, encoders, embeddings, knn, diagnostics, pairs, instructions, triplets]
-    ),
+    assets=with_automation(load_assets_from_modules(
+        [corpus, encoders, embeddings, knn, diagnostics, pairs, instructions, triplets,
+         training, evaluation]
+    )),
     jobs=jobs,
     sensors=sensors,
+    schedules=schedules,
     resources=resources_for(),
 )

@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 from megapairs_dagster.resources.profiles import resources_for
-from megapairs_dagster.resources.settings import Compute, Encoders, Mining
+from megapairs_dagster.resources.settings import Compute, Encoders, Mining, Training
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.synthesis.views import VIEWS
 
@@ -23,6 +23,7 @@ def small_demo_resources(home, **store_overrides) -> dict:
         bootstrap_max_seconds=8, bootstrap_max_images=400,
     )
     resources["compute"] = Compute(num_workers=0, batch_size=32, cache_dir=str(home / "cache"))
+    resources["training"] = Training(max_steps=12, batch_size=8, warmup_steps=2)
     # Every neighbour counts, so the report measures the views rather than a window.
     resources["mining"] = Mining(windows={view: [0.0, 1.0] for view in VIEWS})
     if store_overrides:

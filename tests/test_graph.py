@@ -161,3 +161,19 @@ def test_export_is_readable_in_the_released_format(two_shard_run):
     for record in records[:20]:
         assert record.hns[0] == record.q_img and len(record.q_text) >= 3
         assert Path(record.resolve(record.t_img)).read_bytes()[:2] == b"\xff\xd8"  # a JPEG
+
+
+def test_training_and_scoring_record_checkpoint_and_duckdb_rows(two_shard_run):
+    _, resources, _, done = two_shard_run
+    assert done["mmret_clip"] == ["demo"]
+    assert done["benchmark_scores"] == ["demo_cir|base_encoder", "demo_cir|demo"]
+    store = resources["store"].client()
+    record = load_artifact(store, artifact_relpath(["mmret_clip"], "demo"))
+    assert record["training"]["max_steps"] == 12 and record["data"]["triplets"] > 0
+    assert store.exists(record["checkpoint"] + "/model.safetensors")
+    scores = TripletStore(resources["triplet_db"].path).scores_frame()
+    overall = scores[(scores["query_group"] == "all") & (scores["metric"] == "mAP@5")]
+    assert sorted(overall["model"]) == ["base_encoder", "demo"]
+    assert all(0 <= value <= 100 for value in overall["value"])
+    groups = set(scores["query_group"]) - {"all"}
+    assert {"background", "colour", "shape"} <= groups

@@ -225,3 +225,15 @@ def test_without_the_file_lock_duckdb_refuses_concurrent_writers(tmp_path):
     outcomes = run_concurrent_writers(db_path, rounds=2, use_file_lock=False)
     errors = [error for _, error in outcomes if error]
     assert any("Could not set lock on file" in error for error in errors), outcomes
+
+
+def test_benchmark_scores_are_replaced_per_benchmark_and_model(tmp_path):
+    store = TripletStore(tmp_path / "scores.duckdb")
+    metrics = {"all": {"mAP@5": 30.0, "mAP@10": 31.0}, "background": {"mAP@5": 20.0}}
+    assert store.replace_scores("demo_cir", "base_encoder", metrics, "ckpt-a") == 3
+    store.replace_scores("demo_cir", "demo", {"all": {"mAP@5": 35.0}}, "ckpt-b")
+    store.replace_scores("demo_cir", "base_encoder", {"all": {"mAP@5": 29.0}}, "ckpt-c")
+    frame = store.scores_frame()
+    assert len(frame) == 2
+    base = frame[frame["model"] == "base_encoder"].iloc[0]
+    assert (base["value"], base["checkpoint"], base["query_group"]) == (29.0, "ckpt-c", "all")

@@ -1,8 +1,10 @@
-"""Jobs and sensors."""
+"""Jobs, sensors (the shard sensor, the automation sensor) and schedules."""
 
 from dagster import AssetSelection, define_asset_job
 
 from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.jobs.automation import automation_sensor, with_automation  # noqa: F401
+from megapairs_dagster.jobs.schedules import schedules  # noqa: F401
 from megapairs_dagster.jobs.sensors import shard_sensor
 from megapairs_dagster.synthesis.views import VIEWS
 
@@ -25,4 +27,4 @@ neighbors_job = define_asset_job(
 )
 
 jobs = [ingest_and_embed_job, indexes_job, neighbors_job]
-sensors = [shard_sensor]
+sensors = [shard_sensor, automation_sensor]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, DagsterInstance, MultiPartitionKey, materialize
 
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.synthesis.views import VIEWS
@@ -20,6 +20,8 @@ class Stage:
     assets: tuple[str, ...]
     per_shard: bool
     rebuild_when_shards_change: bool = True
+    # Fixed partitions of a global stage (a model variant, a benchmark × model); None: unpartitioned.
+    keys: tuple[str, ...] | None = None
 
 
 STAGES: tuple[Stage, ...] = (
@@ -35,6 +37,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(("instructions", "instruction_rejects"), per_shard=True),
     Stage(("triplets",), per_shard=True),
     Stage(("megapairs_export",), per_shard=False),
+    # The benchmark is fixed before any training and never depends on the corpus.
+    Stage(("demo_benchmark",), per_shard=False, rebuild_when_shards_change=False),
+    Stage(("mmret_clip",), per_shard=False, keys=("demo",)),
+    Stage(
+        ("benchmark_scores",), per_shard=False, keys=("demo_cir|base_encoder", "demo_cir|demo")
+    ),
 )
 
 
@@ -77,11 +85,17 @@ def materialize_pipeline(
             for name in stage.assets:
                 done[name] = todo
         else:
-            never = instance.get_latest_materialization_event(first) is None
-            if never or refreshing or (shards_changed and stage.rebuild_when_shards_change):
-                _run(assets, resources, instance, stage, None, log)
-                for name in stage.assets:
-                    done[name] = ["(global)"]
+            materialized = instance.get_materialized_partitions(first) if stage.keys else set()
+            for key in stage.keys or (None,):
+                never = (
+                    key not in materialized
+                    if key
+                    else instance.get_latest_materialization_event(first) is None
+                )
+                if never or refreshing or (shards_changed and stage.rebuild_when_shards_change):
+                    _run(assets, resources, instance, stage, key, log)
+                    for name in stage.assets:
+                        done.setdefault(name, []).append(key or "(global)")
     return done
 
 
@@ -90,7 +104,7 @@ def _run(assets, resources, instance, stage: Stage, partition: str | None, log) 
     result = materialize(
         assets,
         selection=list(stage.assets),
-        partition_key=partition,
+        partition_key=_partition_key(partition),
         instance=instance,
         resources=resources,
         raise_on_error=True,
@@ -100,3 +114,11 @@ def _run(assets, resources, instance, stage: Stage, partition: str | None, log) 
     where = f"[{partition}]" if partition else ""
     log(f"  {', '.join(stage.assets)}{where}: {time.perf_counter() - started:.1f}s "
         f"(run {result.run_id[:8]})")
+
+
+def _partition_key(key: str | None):
+    """Plain keys as they are; ``a|b`` as the multi-partition key with those dimension values."""
+    if key is None or "|" not in key:
+        return key
+    benchmark, model = key.split("|")
+    return MultiPartitionKey({"benchmark": benchmark, "model": model})

@@ -93,3 +93,23 @@ def format_summary(summary: dict) -> str:
     if relation_names:
         lines.append("(attribute columns: share of in-window neighbours differing in it)")
     return "\n".join(lines)
+
+
+def format_scores(scores) -> str:
+    """Benchmark rows from DuckDB as a table: one line per (benchmark, model), then per group."""
+    if scores.empty:
+        return "no benchmark scores"
+    lines = []
+    metrics = ["mAP@5", "mAP@10", "mAP@25", "mAP@50"]
+    for (benchmark, model), rows in scores.groupby(["benchmark", "model"], sort=True):
+        overall = rows[rows["query_group"] == "all"].set_index("metric")["value"]
+        lines.append(
+            f"{benchmark} {model:<13}" + "".join(f"{m} {overall.get(m, float('nan')):5.1f}  " for m in metrics)
+        )
+        groups = rows[(rows["query_group"] != "all") & (rows["metric"] == "mAP@5")]
+        if len(groups):
+            lines.append(
+                "    mAP@5 by edit: "
+                + ", ".join(f"{g} {v:.1f}" for g, v in zip(groups["query_group"], groups["value"]))
+            )
+    return "\n".join(lines)

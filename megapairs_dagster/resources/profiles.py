@@ -10,11 +10,13 @@ import os
 from dagster import EnvVar
 
 from megapairs_dagster.resources.settings import (
+    BenchmarkData,
     Compute,
     CorpusSource,
     Encoders,
     Generation,
     Mining,
+    Training,
     TripletDatabase,
 )
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
@@ -39,9 +41,14 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
     if profile == "demo":
         store = ArtifactStore(url=f"{home}/artifacts")
         corpus = CorpusSource(url=f"{home}/demo_corpus", format="webdataset")
-        encoders = Encoders(mode="bootstrap", dino_image_size=DEMO_DINO_IMAGE_SIZE)
+        encoders = Encoders(
+            mode="bootstrap", dino_image_size=DEMO_DINO_IMAGE_SIZE,
+            # MEGAPAIRS_BOOTSTRAP_SECONDS shortens the demo CLIP training (server tests use 5 s).
+            bootstrap_max_seconds=float(os.environ.get("MEGAPAIRS_BOOTSTRAP_SECONDS", "240")),
+        )
         mining = Mining(windows=DEMO_WINDOWS)
         generation = Generation(backend="template")
+        training = Training()
     else:
         store = ArtifactStore(url=EnvVar("MEGAPAIRS_STORE_URL"))
         corpus = CorpusSource(url=EnvVar("MEGAPAIRS_CORPUS_URL"))
@@ -60,6 +67,8 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
             device="cuda",
             dtype="bfloat16",
         )
+        training = Training(learning_rate=5e-6, caption_loss_weight=0.0, max_steps=10_000,
+                            batch_size=256)
     return {
         "store": store,
         "io_manager": ArtifactIOManager(store=store),
@@ -69,4 +78,6 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
         "mining": mining,
         "generation": generation,
         "triplet_db": TripletDatabase(path=f"{home}/megapairs.duckdb"),
+        "benchmark_data": BenchmarkData(),
+        "training": training,
     }

@@ -122,3 +122,28 @@ class TripletDatabase(ConfigurableResource):
     lock_timeout_s: float = Field(
         default=900, description="How long a writer waits for another process's write."
     )
+
+
+class BenchmarkData(ConfigurableResource):
+    """Where the real benchmarks live; a benchmark whose paths are unset is skipped."""
+
+    circo_annotations: str | None = Field(
+        default=None, description="CIRCO annotations file (val.json, with ground truths)."
+    )
+    circo_images: str | None = Field(
+        default=None, description="Folder of the COCO unlabeled2017 images (NNNNNNNNNNNN.jpg)."
+    )
+
+
+class Training(ConfigurableResource):
+    """MMRet-CLIP training recipe (paper: lr 5e-6 from pretrained CLIP, temperature 0.02)."""
+
+    max_steps: int = Field(default=150, description="Optimizer steps.")
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    learning_rate: float = Field(default=3e-5, description="Paper: 5e-6 (pretrained CLIP).")
+    warmup_steps: int = 10
+    caption_loss_weight: float = Field(
+        default=1.0, description="Weight of an image–caption term kept beside the triplets."
+    )
+    seed: int = 0

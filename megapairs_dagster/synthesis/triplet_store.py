@@ -74,6 +74,15 @@ CREATE TABLE IF NOT EXISTS images (
     caption VARCHAR,
     uri VARCHAR NOT NULL
 );
+CREATE TABLE IF NOT EXISTS benchmark_scores (
+    benchmark VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    query_group VARCHAR NOT NULL,
+    metric VARCHAR NOT NULL,
+    value DOUBLE NOT NULL,
+    checkpoint VARCHAR,
+    created_at TIMESTAMP NOT NULL
+);
 """
 
 
@@ -204,6 +213,43 @@ class TripletStore:
             "wait_s": started - requested,
             "write_s": write_s,
         }
+
+    def replace_scores(
+        self, benchmark: str, model: str, metrics: dict[str, dict[str, float]], checkpoint: str
+    ) -> int:
+        """Swap the ``benchmark_scores`` rows of one (benchmark, model) in one transaction.
+
+        ``metrics`` maps a query group ("all", or e.g. an edit type) to ``{metric: value}``.
+        """
+        rows = [
+            (benchmark, model, group, metric, float(value), checkpoint)
+            for group, values in metrics.items()
+            for metric, value in values.items()
+        ]
+        created_at = datetime.now(timezone.utc).replace(tzinfo=None)
+        with self._connect(read_only=False) as connection:
+            connection.begin()
+            try:
+                connection.execute(
+                    "DELETE FROM benchmark_scores WHERE benchmark = ? AND model = ?",
+                    [benchmark, model],
+                )
+                connection.executemany(
+                    "INSERT INTO benchmark_scores VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*row, created_at) for row in rows],
+                )
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+        return len(rows)
+
+    def scores_frame(self) -> pd.DataFrame:
+        """Every row of ``benchmark_scores``."""
+        with self._connect(read_only=True) as connection:
+            return connection.execute(
+                "SELECT * FROM benchmark_scores ORDER BY benchmark, model, query_group, metric"
+            ).df()
 
     def counts(self) -> dict:
         """Rows per table and number of shards, for asset metadata."""
