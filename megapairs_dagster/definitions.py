@@ -15,7 +15,7 @@ from megapairs_dagster.assets import (
     triplets,
 )
 from megapairs_dagster.jobs import jobs, schedules, sensors, with_automation
-from megapairs_dagster.resources.profiles import resources_for
+from megapairs_dagster.resources.profiles import executor_for, resources_for
 
 defs = Definitions(
     assets=with_automation(load_assets_from_modules(
@@ -26,4 +26,5 @@ defs = Definitions(
     sensors=sensors,
     schedules=schedules,
     resources=resources_for(),
+    executor=executor_for(),
 )

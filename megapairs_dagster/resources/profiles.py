@@ -7,7 +7,7 @@ uses the MegaPairs paper's encoders and a corpus/store given by environment vari
 
 import os
 
-from dagster import EnvVar
+from dagster import EnvVar, ExecutorDefinition, in_process_executor
 
 from megapairs_dagster.resources.settings import (
     BenchmarkData,
@@ -33,6 +33,14 @@ DEMO_WINDOWS = {
 }
 
 
+def executor_for(profile: str | None = None) -> ExecutorDefinition | None:
+    """The demo runs each run's steps in one process: a step subprocess re-imports torch and
+    costs 10–15 s on a laptop, more than the demo's steps themselves. Other profiles keep
+    Dagster's default (multiprocess, or the k8s executor selected in run config)."""
+    profile = profile or os.environ.get("MEGAPAIRS_PROFILE", "demo")
+    return in_process_executor if profile == "demo" else None
+
+
 def resources_for(profile: str | None = None, home: str | None = None) -> dict:
     profile = profile or os.environ.get("MEGAPAIRS_PROFILE", "demo")
     home = home or os.environ.get("MEGAPAIRS_HOME", "data")
@@ -48,7 +56,7 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
         )
         mining = Mining(windows=DEMO_WINDOWS)
         generation = Generation(backend="template")
-        training = Training()
+        training = Training(max_steps=300, learning_rate=3e-5, caption_loss_weight=4.0)
     else:
         store = ArtifactStore(url=EnvVar("MEGAPAIRS_STORE_URL"))
         corpus = CorpusSource(url=EnvVar("MEGAPAIRS_CORPUS_URL"))

@@ -1,0 +1,168 @@
+"""Start and stop `dagster dev` (webserver + daemon) on loopback for the server/browser tests.
+
+The server gets a temporary DAGSTER_HOME (config/dagster.yaml copied in) and a MEGAPAIRS_HOME
+holding a small demo corpus; the demo CLIP bootstrap is shortened and the automation sensor
+ticks every few seconds. `stop()` kills the whole process group (webserver, daemon, code
+server, run workers), also when the test fails.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+
+from megapairs_dagster.demo import write_demo_shard
+
+REPO = Path(__file__).resolve().parents[1]
+DAGSTER = Path(sys.executable).with_name("dagster")
+IMAGES_PER_SHARD = 40
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DagsterServer:
+    def __init__(self, root: Path, shards: int = 1):
+        self.root = root
+        self.dagster_home = root / "dagster_home"
+        self.megapairs_home = root / "home"
+        self.corpus = self.megapairs_home / "demo_corpus"
+        self.dagster_home.mkdir(parents=True)
+        shutil.copy(REPO / "config" / "dagster.yaml", self.dagster_home / "dagster.yaml")
+        for shard in range(shards):
+            self.add_shard(shard)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "dagster_dev.log"
+        self.process: subprocess.Popen | None = None
+        self._instance: DagsterInstance | None = None
+
+    def add_shard(self, index: int) -> None:
+        write_demo_shard(self.corpus, index, IMAGES_PER_SHARD, seed=0)
+
+    def start(self, timeout: float = 120) -> None:
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.dagster_home),
+            "MEGAPAIRS_HOME": str(self.megapairs_home),
+            "MEGAPAIRS_PROFILE": "demo",
+            "MEGAPAIRS_BOOTSTRAP_SECONDS": "5",
+            "MEGAPAIRS_AUTOMATION_INTERVAL_SECONDS": "5",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        log = open(self.log_path, "wb")  # noqa: SIM115 (closed by the child's exit)
+        self.process = subprocess.Popen(
+            [str(DAGSTER), "dev", "-h", "127.0.0.1", "-p", str(self.port), "-w", "workspace.yaml"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # a child of a non-interactive shell may inherit "ignore SIGINT"; dagster dev maps
+            # SIGTERM to its SIGINT handler, so restore the default or it cannot be stopped
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dagster dev exited early:\n{self.log_tail()}")
+            try:
+                if self.graphql("{ version }")["data"]["version"]:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"dagster dev did not answer in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self._instance is not None:
+            self._instance.dispose()
+            self._instance = None
+        if self.process is None or self.process.poll() is not None and not _group_alive(self.process.pid):
+            return
+        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
+            if _group_alive(pgid):
+                os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.process.poll() is None:
+            self.process.wait(timeout=10)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    @property
+    def instance(self) -> DagsterInstance:
+        """The server's instance, opened here to read events and runs."""
+        if self._instance is None:
+            self._instance = DagsterInstance.from_config(str(self.dagster_home))
+        return self._instance
+
+    def materializations(self, asset: str) -> Counter:
+        """Materialisation events per partition key (None for an unpartitioned asset)."""
+        records = self.instance.fetch_materializations(AssetKey(asset), limit=10_000).records
+        return Counter(record.asset_materialization.partition for record in records)
+
+    def failed_runs(self) -> list[str]:
+        runs = self.instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+        return [f"{run.run_id[:8]} {sorted(map(str, run.asset_selection or []))} "
+                f"{run.tags.get('dagster/partition')}" for run in runs]
+
+    def wait_for(self, what: str, ready, timeout: float, poll: float = 3) -> float:
+        """Poll ``ready()`` until true; fail early on a failed run. Returns seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if ready():
+                return time.monotonic() - started
+            failed = self.failed_runs()
+            if failed:
+                raise AssertionError(f"runs failed while waiting for {what}: {failed}\n"
+                                     f"{self.log_tail()}")
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"dagster dev exited while waiting for {what}:\n{self.log_tail()}")
+            time.sleep(poll)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.log_tail()}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def running_server(root: Path, shards: int = 1):
+    """Generator for a pytest fixture: a started server, always stopped afterwards."""
+    server = DagsterServer(root, shards=shards)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,142 @@
+"""`dagster dev` on loopback: the shard sensor + declarative automation carry a new shard through
+its own partitions only, and a partition backfill launched over GraphQL completes.
+
+Every run goes out of process (one subprocess per run), so this takes a few minutes.
+"""
+
+import time
+
+import pytest
+from dagster import AssetKey, AssetMaterialization, DagsterEventType, DagsterInstance
+from dagster_server import running_server
+
+from megapairs_dagster.jobs.schedules import AFTER_INDEX, INGEST_AND_EMBED, shard_work
+from megapairs_dagster.resources.store import artifact_relpath, load_artifact
+from megapairs_dagster.storage import ArtifactStoreClient
+from megapairs_dagster.synthesis.views import VIEWS
+
+PER_SHARD = [*INGEST_AND_EMBED, *AFTER_INDEX]
+GLOBAL = ["base_encoders", *(f"knn_index_{v}" for v in VIEWS), "view_report", "megapairs_export"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from running_server(tmp_path_factory.mktemp("dagster_dev"), shards=1)
+
+
+def _counts(server, names):
+    return {name: dict(server.materializations(name)) for name in names}
+
+
+def _idle(server) -> bool:
+    from dagster import DagsterRunStatus, RunsFilter
+
+    busy = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+            DagsterRunStatus.STARTED]
+    return not server.instance.get_runs(RunsFilter(statuses=busy), limit=1)
+
+
+def _latest_storage_id(server, asset: str, partition: str | None = None) -> int:
+    if partition is None:
+        return server.instance.fetch_materializations(AssetKey(asset), limit=1).records[0].storage_id
+    return server.instance.get_latest_storage_id_by_partition(
+        AssetKey(asset), DagsterEventType.ASSET_MATERIALIZATION, {partition}
+    )[partition]
+
+
+def test_a_new_shard_flows_through_its_own_partitions_only(server):
+    timings = {}
+    # (a) one shard at start: the sensor ingests it, automation does everything else
+    # (base_encoders included: it is materialised once when missing).
+    timings["first shard"] = server.wait_for(
+        "shard 00000 through triplets and the global assets",
+        lambda: "00000" in server.materializations("triplets")
+        and server.materializations("megapairs_export")
+        and server.materializations("view_report") and _idle(server),
+        timeout=600,
+    )
+    before = _counts(server, PER_SHARD + GLOBAL)
+    assert all(before[name] == {"00000": 1} for name in PER_SHARD), before
+    assert all(before[name] == {None: 1} for name in GLOBAL), before
+
+    server.add_shard(1)  # a new file in the corpus folder; nothing else
+    timings["new shard"] = server.wait_for(
+        "shard 00001 through triplets and the export rebuilt",
+        lambda: "00001" in server.materializations("triplets")
+        and server.materializations("megapairs_export")[None] == 2 and _idle(server),
+        timeout=600,
+    )
+    time.sleep(12)  # two more automation ticks: nothing else may start
+    assert _idle(server)
+    after = _counts(server, PER_SHARD + GLOBAL)
+    for name in PER_SHARD:
+        assert after[name] == {"00000": 1, "00001": 1}, (name, after[name])
+    assert after["base_encoders"] == {None: 1}  # the baseline is not retrained
+    for name in GLOBAL[1:]:
+        assert after[name] == {None: 2}, (name, after[name])
+
+    # the new shard's neighbours searched an index that already held it
+    store = ArtifactStoreClient(str(server.megapairs_home / "artifacts"))
+    for view in VIEWS:
+        index_id = _latest_storage_id(server, f"knn_index_{view}")
+        assert _latest_storage_id(server, f"embeddings_{view}", "00001") < index_id
+        assert index_id < _latest_storage_id(server, f"neighbors_{view}", "00001")
+        index = load_artifact(store, artifact_relpath([f"knn_index_{view}"], None))
+        assert index.produced_by["shards"] == ["00000", "00001"]
+    print(f"\nautomation timings: {timings}")
+
+
+def test_partition_backfill_over_graphql(server):
+    if "00001" not in server.materializations("image_pairs"):
+        pytest.skip("needs the shards materialised by the automation test")
+    before = _counts(server, ["image_pairs", "pair_descriptions"])
+    result = server.graphql(
+        """mutation($params: LaunchBackfillParams!) {
+             launchPartitionBackfill(backfillParams: $params) {
+               __typename
+               ... on LaunchBackfillSuccess { backfillId }
+               ... on PythonError { message stack }
+             }
+           }""",
+        {"params": {"partitionNames": ["00000", "00001"],
+                    "assetSelection": [{"path": ["image_pairs"]}]}},
+    )["data"]["launchPartitionBackfill"]
+    assert result["__typename"] == "LaunchBackfillSuccess", result
+    backfill_id = result["backfillId"]
+    status = {}
+
+    def finished() -> bool:
+        status["value"] = server.graphql(
+            """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+                 __typename ... on PartitionBackfill { status } ... on PythonError { message } } }""",
+            {"id": backfill_id},
+        )["data"]["partitionBackfillOrError"].get("status")
+        assert status["value"] not in {"FAILED", "COMPLETED_FAILED", "CANCELED", "FAILING"}, status
+        return status["value"] in {"COMPLETED", "COMPLETED_SUCCESS"} and _idle(server)
+
+    seconds = server.wait_for(f"backfill {backfill_id}", finished, timeout=300)
+    print(f"\nbackfill of image_pairs over 2 shards: {seconds:.0f}s, status {status['value']}")
+    after = _counts(server, ["image_pairs", "pair_descriptions"])
+    assert after["image_pairs"] == {k: v + 1 for k, v in before["image_pairs"].items()}
+    time.sleep(12)
+    # downstream partitions are now stale, not missing: automation leaves them alone
+    assert _counts(server, ["pair_descriptions"]) == {"pair_descriptions": before["pair_descriptions"]}
+
+
+def test_nightly_schedule_picks_missing_and_stale_shards():
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00000", "00001"])
+    parents = {"image_pairs": [f"neighbors_{v}" for v in VIEWS]}
+    for name in PER_SHARD:
+        instance.report_runless_asset_event(AssetMaterialization(name, partition="00000"))
+    for name in INGEST_AND_EMBED:
+        instance.report_runless_asset_event(AssetMaterialization(name, partition="00001"))
+    work = shard_work(instance, {}, parents)
+    assert work == {"00001": list(AFTER_INDEX)}  # ingest done, the rest missing
+    # a same-shard dependency newer than image_pairs makes it (and only it) stale
+    instance.report_runless_asset_event(AssetMaterialization("neighbors_clip_image", partition="00000"))
+    work = shard_work(instance, {}, parents)
+    assert work["00000"] == ["image_pairs"]
+    # a code version the materialisations were not made with makes every partition stale
+    work = shard_work(instance, {"triplets": "2"}, {})
+    assert work["00000"] == ["triplets"]
