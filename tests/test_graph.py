@@ -177,3 +177,46 @@ def test_training_and_scoring_record_checkpoint_and_duckdb_rows(two_shard_run):
     assert all(0 <= value <= 100 for value in overall["value"])
     groups = set(scores["query_group"]) - {"all"}
     assert {"background", "colour", "shape"} <= groups
+
+
+def test_one_run_can_embed_several_shards_with_the_same_result(two_shard_run):
+    """The embedding assets take a range of shards per run (their BackfillPolicy)."""
+    _, resources, instance, _ = two_shard_run
+    store = resources["store"].client()
+    name = "embeddings_clip_caption"
+    before = {s: load_artifact(store, artifact_relpath([name], s)) for s in ("00000", "00001")}
+    result = materialize(
+        list(defs.assets), selection=[name], resources=resources, instance=instance,
+        tags={"dagster/asset_partition_range_start": "00000",
+              "dagster/asset_partition_range_end": "00001"},
+    )
+    materializations = result.asset_materializations_for_node(name)
+    assert sorted(m.partition for m in materializations) == ["00000", "00001"]
+    for shard, earlier in before.items():
+        again = load_artifact(store, artifact_relpath([name], shard))
+        assert again.produced_by["run_id"] == result.run_id
+        np.testing.assert_array_equal(again.ids, earlier.ids)
+        np.testing.assert_allclose(again.vectors.astype(np.float32),
+                                   earlier.vectors.astype(np.float32), atol=1e-3)
+
+
+def test_one_run_can_generate_instructions_for_several_shards(two_shard_run):
+    _, resources, instance, _ = two_shard_run
+    store = resources["store"].client()
+    before = {s: load_artifact(store, artifact_relpath(["instructions"], s)) for s in ("00000", "00001")}
+    result = materialize(
+        list(defs.assets),
+        selection=["pair_descriptions", "description_rejects", "instructions", "instruction_rejects"],
+        resources=resources, instance=instance,
+        tags={"dagster/asset_partition_range_start": "00000",
+              "dagster/asset_partition_range_end": "00001"},
+    )
+    materialized = [
+        m.partition for m in result.asset_materializations_for_node("instructions")
+        if m.asset_key == AssetKey("instructions")
+    ]
+    assert sorted(materialized) == ["00000", "00001"]
+    for shard, earlier in before.items():
+        again = load_artifact(store, artifact_relpath(["instructions"], shard))
+        assert again.attrs["produced_by"]["run_id"] == result.run_id
+        pd.testing.assert_frame_equal(again.reset_index(drop=True), earlier.reset_index(drop=True))

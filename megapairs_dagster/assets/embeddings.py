@@ -9,7 +9,7 @@ from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataVa
 
 from megapairs_dagster.artifacts import Embeddings
 from megapairs_dagster.assets.partitions import shards
-from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, TRANSIENT_RETRY
+from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Compute
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.embed import embed_images, embed_texts
@@ -48,51 +48,60 @@ def build_embeddings_asset(view: str) -> AssetsDefinition:
         pool=GPU_POOL,
         op_tags=GPU_TAGS,
         retry_policy=TRANSIENT_RETRY,
+        backfill_policy=SHARDS_PER_RUN,
     )
     def _embeddings(
         context: AssetExecutionContext,
-        corpus_images: pd.DataFrame,
+        corpus_images,  # a DataFrame, or {shard: DataFrame} when the run spans several shards
         base_encoders: dict,
         compute: Compute,
         store: ArtifactStore,
     ):
-        encoder = view_encoder(view, base_encoders, store, compute)
-        total = len(corpus_images)
-
-        def progress(done: int, _total: int = total) -> None:
-            context.log.info(f"{view}: {done}/{_total} rows embedded")
-
-        dtype = DTYPES[compute.dtype]
-        if view == "clip_caption":
-            result = embed_texts(
-                encoder, list(corpus_images["caption"]), dtype=dtype, progress=progress
-            )
-        else:
-            result = embed_images(
-                encoder,
-                list(corpus_images["jpeg"]),
-                batch_size=compute.batch_size,
-                num_workers=compute.num_workers,
-                dtype=dtype,
-                progress=progress,
-            )
-        embeddings = Embeddings(
-            ids=corpus_images["image_id"].to_numpy(),
-            vectors=result.vectors,
-            produced_by={"view": view, "encoder": encoder.identity},
+        # A backfill may hand one run several shards: the encoder is loaded once for all.
+        shards_in_run = (
+            corpus_images if isinstance(corpus_images, dict)
+            else {context.partition_key: corpus_images}
         )
+        encoder = view_encoder(view, base_encoders, store, compute)
+        results, seconds, rows = {}, 0.0, 0
+        for shard, images in shards_in_run.items():
+            result = _embed_shard(context, view, encoder, images, compute, shard)
+            results[shard] = Embeddings(
+                ids=images["image_id"].to_numpy(),
+                vectors=result.vectors,
+                produced_by={"view": view, "encoder": encoder.identity},
+            )
+            seconds, rows = seconds + result.seconds, rows + result.rows
         return Output(
-            embeddings,
+            results if isinstance(corpus_images, dict) else results[context.partition_key],
             metadata={
-                "rows": int(result.rows),
-                "dim": int(embeddings.vectors.shape[1]),
-                "items_per_second": float(result.items_per_second),
-                "seconds": float(result.seconds),
+                "rows": rows,
+                "shards": len(results),
+                "dim": int(next(iter(results.values())).vectors.shape[1]),
+                "items_per_second": rows / seconds if seconds else 0.0,
+                "seconds": seconds,
                 "encoder": MetadataValue.json(encoder.identity),
             },
         )
 
     return _embeddings
+
+
+def _embed_shard(context, view: str, encoder, images: pd.DataFrame, compute: Compute, shard: str):
+    def progress(done: int, total: int) -> None:
+        context.log.info(f"{view}[{shard}]: {done}/{total} rows embedded")
+
+    dtype = DTYPES[compute.dtype]
+    if view == "clip_caption":
+        return embed_texts(encoder, list(images["caption"]), dtype=dtype, progress=progress)
+    return embed_images(
+        encoder,
+        list(images["jpeg"]),
+        batch_size=compute.batch_size,
+        num_workers=compute.num_workers,
+        dtype=dtype,
+        progress=progress,
+    )
 
 
 embedding_assets = [build_embeddings_asset(view) for view in VIEWS]

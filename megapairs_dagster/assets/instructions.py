@@ -21,7 +21,7 @@ from dagster import (
 
 from megapairs_dagster.assets.lookup import image_rows
 from megapairs_dagster.assets.partitions import shards
-from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, TRANSIENT_RETRY
+from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Generation
 from megapairs_dagster.resources.store import ArtifactStore, read_table, write_table
 from megapairs_dagster.synthesis.chunked import config_hash, run_in_chunks
@@ -78,6 +78,7 @@ def _chunked(
     context: AssetExecutionContext,
     store: ArtifactStore,
     asset: str,
+    shard: str,
     items: Sequence,
     item_id: Callable,
     digest: str,
@@ -85,9 +86,9 @@ def _chunked(
     work: Callable[[Sequence], Tables],
     row_columns: list[str],
 ) -> Tables:
-    """Run ``work`` over saved chunks of ``items`` for this shard; concatenate the results."""
+    """Run ``work`` over saved chunks of ``items`` of ``shard``; concatenate the results."""
     client = store.client()
-    folder = f"{asset}/{context.partition_key}.chunks"
+    folder = f"{asset}/{shard}.chunks"
 
     def load(key: str) -> Tables | None:
         rows_path = f"{folder}/{key}.rows.parquet"
@@ -97,13 +98,13 @@ def _chunked(
         return read_table(client.read_bytes(rows_path)), rejects
 
     def save(key: str, tables: Tables) -> None:
-        produced_by = {"asset": asset, "partition": context.partition_key, "config_hash": digest}
+        produced_by = {"asset": asset, "partition": shard, "config_hash": digest}
         # Rejects first: the rows file is what marks a chunk as finished.
         client.write_bytes(f"{folder}/{key}.rejects.parquet", write_table(tables[1], produced_by))
         client.write_bytes(f"{folder}/{key}.rows.parquet", write_table(tables[0], produced_by))
 
     def report(index: int, total: int, reused: bool) -> None:
-        context.log.info(f"{asset}: chunk {index + 1}/{total} {'reused' if reused else 'done'}")
+        context.log.info(f"{asset}[{shard}]: chunk {index + 1}/{total} {'reused' if reused else 'done'}")
 
     results = run_in_chunks(
         items, chunk_size, item_id=item_id, config_digest=digest, load=load, save=save,
@@ -115,6 +116,16 @@ def _chunked(
         pd.concat([r[0] for r in results], ignore_index=True),
         pd.concat([r[1] for r in results], ignore_index=True),
     )
+
+
+def _per_shard(context: AssetExecutionContext, value) -> dict:
+    """``{shard: input}`` of this run: one shard, or several when a backfill batches them."""
+    return value if isinstance(value, dict) else {context.partition_key: value}
+
+
+def _per_run(context: AssetExecutionContext, by_shard: dict, batched: bool):
+    """What the run returns: ``{shard: output}`` for a batch of shards, else the one output."""
+    return by_shard if batched else by_shard[context.partition_key]
 
 
 def _provenance(frame: pd.DataFrame, identity: dict, prompt_version: str, digest: str) -> None:
@@ -146,10 +157,11 @@ def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
     pool=GPU_POOL,
     op_tags=GPU_TAGS,
     retry_policy=TRANSIENT_RETRY,
+    backfill_policy=SHARDS_PER_RUN,
 )
 def pair_descriptions(
     context: AssetExecutionContext,
-    image_pairs: pd.DataFrame,
+    image_pairs,  # a DataFrame, or {shard: DataFrame} when the run spans several shards
     generation: Generation,
     store: ArtifactStore,
 ):
@@ -163,7 +175,6 @@ def pair_descriptions(
         "max_attempts": generation.max_attempts,
     }
     digest = config_hash(config)
-    pairs = _pair_inputs(store, image_pairs, with_pixels=generation.backend != "template")
 
     def work(chunk: Sequence[PairInput]) -> Tables:
         return generate_descriptions(
@@ -172,16 +183,24 @@ def pair_descriptions(
             max_attempts=generation.max_attempts, batch_size=generation.batch_size,
         )
 
-    rows, rejects = _chunked(
-        context, store, "pair_descriptions", pairs, lambda p: p.pair_id, digest,
-        generation.chunk_size, work, DESCRIPTION_COLUMNS,
-    )
-    rows = image_pairs[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
-    _provenance(rows, describer.identity, generation.prompt_version, digest)
-    yield Output(rows, output_name="pair_descriptions",
-                 metadata={"rows": len(rows), "config_hash": digest, "pairs": len(pairs)})
-    yield Output(rejects, output_name="description_rejects",
-                 metadata=_reject_metadata(rejects, len(pairs)))
+    rows_by_shard, rejects_by_shard = {}, {}
+    for shard, shard_pairs in _per_shard(context, image_pairs).items():
+        pairs = _pair_inputs(store, shard_pairs, with_pixels=generation.backend != "template")
+        rows, rejects_by_shard[shard] = _chunked(
+            context, store, "pair_descriptions", shard, pairs, lambda p: p.pair_id, digest,
+            generation.chunk_size, work, DESCRIPTION_COLUMNS,
+        )
+        rows = shard_pairs[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
+        _provenance(rows, describer.identity, generation.prompt_version, digest)
+        rows_by_shard[shard] = rows
+    batched = isinstance(image_pairs, dict)
+    total = sum(len(frame) for frame in _per_shard(context, image_pairs).values())
+    rejects = pd.concat(rejects_by_shard.values(), ignore_index=True)
+    yield Output(_per_run(context, rows_by_shard, batched), output_name="pair_descriptions",
+                 metadata={"rows": sum(len(r) for r in rows_by_shard.values()),
+                           "config_hash": digest, "pairs": total})
+    yield Output(_per_run(context, rejects_by_shard, batched), output_name="description_rejects",
+                 metadata=_reject_metadata(rejects, total))
 
 
 @multi_asset(
@@ -198,10 +217,11 @@ def pair_descriptions(
     pool=GPU_POOL,
     op_tags=GPU_TAGS,
     retry_policy=TRANSIENT_RETRY,
+    backfill_policy=SHARDS_PER_RUN,
 )
 def instructions(
     context: AssetExecutionContext,
-    pair_descriptions: pd.DataFrame,
+    pair_descriptions,  # a DataFrame, or {shard: DataFrame} when the run spans several shards
     generation: Generation,
     store: ArtifactStore,
 ):
@@ -214,11 +234,12 @@ def instructions(
         "seed": generation.seed,
         "min_instructions": generation.min_instructions,
         "max_attempts": generation.max_attempts,
-        "descriptions": sorted(set(pair_descriptions.get("config_hash", []))),
+        "descriptions": sorted(
+            {h for frame in _per_shard(context, pair_descriptions).values()
+             for h in frame.get("config_hash", [])}
+        ),
     }
     digest = config_hash(config)
-    pairs = _pair_inputs(store, pair_descriptions, with_pixels=False)
-    described = list(zip(pairs, pair_descriptions["description"]))
 
     def work(chunk: Sequence[tuple[PairInput, str]]) -> Tables:
         return generate_instructions(
@@ -227,17 +248,26 @@ def instructions(
             batch_size=generation.batch_size,
         )
 
-    rows, rejects = _chunked(
-        context, store, "instructions", described, lambda item: item[0].pair_id, digest,
-        generation.chunk_size, work, INSTRUCTION_COLUMNS,
-    )
-    rows = pair_descriptions[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
-    _provenance(rows, instructor.identity, generation.prompt_version, digest)
-    parse_rate = len(rows) / len(described) if described else 1.0
-    yield Output(rows, output_name="instructions",
-                 metadata={"rows": len(rows), "parse_rate": parse_rate, "config_hash": digest})
-    yield Output(rejects, output_name="instruction_rejects",
-                 metadata=_reject_metadata(rejects, len(described)))
+    rows_by_shard, rejects_by_shard = {}, {}
+    for shard, descriptions in _per_shard(context, pair_descriptions).items():
+        pairs = _pair_inputs(store, descriptions, with_pixels=False)
+        described = list(zip(pairs, descriptions["description"]))
+        rows, rejects_by_shard[shard] = _chunked(
+            context, store, "instructions", shard, described, lambda item: item[0].pair_id,
+            digest, generation.chunk_size, work, INSTRUCTION_COLUMNS,
+        )
+        rows = descriptions[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
+        _provenance(rows, instructor.identity, generation.prompt_version, digest)
+        rows_by_shard[shard] = rows
+    batched = isinstance(pair_descriptions, dict)
+    total = sum(len(frame) for frame in _per_shard(context, pair_descriptions).values())
+    produced = sum(len(rows) for rows in rows_by_shard.values())
+    parse_rate = produced / total if total else 1.0
+    rejects = pd.concat(rejects_by_shard.values(), ignore_index=True)
+    yield Output(_per_run(context, rows_by_shard, batched), output_name="instructions",
+                 metadata={"rows": produced, "parse_rate": parse_rate, "config_hash": digest})
+    yield Output(_per_run(context, rejects_by_shard, batched), output_name="instruction_rejects",
+                 metadata=_reject_metadata(rejects, total))
     yield AssetCheckResult(
         check_name="parse_rate", asset_key="instructions",
         passed=parse_rate >= generation.min_parse_rate,

@@ -1,6 +1,6 @@
 """Execution policies shared by the assets: retries for transient failures, GPU placement."""
 
-from dagster import Backoff, Jitter, RetryPolicy
+from dagster import BackfillPolicy, Backoff, Jitter, RetryPolicy
 
 # S3 hiccups and model-server restarts are transient: retry with growing, jittered delays.
 TRANSIENT_RETRY = RetryPolicy(max_retries=2, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
@@ -13,3 +13,7 @@ GPU_TAGS = {
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
     }
 }
+
+# A backfill of many shards gives each run up to this many, so a model is loaded once per run
+# rather than once per shard (the assets accept one shard or several).
+SHARDS_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=8)

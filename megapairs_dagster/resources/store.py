@@ -109,7 +109,20 @@ class ArtifactIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj: Any) -> None:
         if obj is None:
             return
-        partition = context.partition_key if context.has_partition_key else None
+        if context.has_asset_partitions and not context.has_partition_key:
+            # A run over several partitions returns {partition: value}.
+            expected = set(context.asset_partition_keys)
+            if not isinstance(obj, dict) or set(obj) != expected:
+                raise TypeError(
+                    f"{context.asset_key.to_user_string()} ran for partitions {sorted(expected)} "
+                    "and must return a dict with exactly those keys"
+                )
+            for partition, value in obj.items():
+                self._write(context, value, partition)
+            return
+        self._write(context, obj, context.partition_key if context.has_partition_key else None)
+
+    def _write(self, context: OutputContext, obj: Any, partition: str | None) -> None:
         relpath = artifact_relpath(context.asset_key.path, partition)
         produced_by = {
             "run_id": context.run_id,
@@ -133,9 +146,10 @@ class ArtifactIOManager(ConfigurableIOManager):
                 "store keeps DataFrames, dicts, Embeddings and KnnIndexArtifact"
             )
         path = self._client().write_bytes(relpath + suffix, data)
-        context.add_output_metadata(
-            {"path": MetadataValue.path(str(path)), "bytes": MetadataValue.int(len(data))}
-        )
+        if context.has_partition_key or partition is None:
+            context.add_output_metadata(
+                {"path": MetadataValue.path(str(path)), "bytes": MetadataValue.int(len(data))}
+            )
 
     def load_input(self, context: InputContext) -> Any:
         client = self._client()
