@@ -1,6 +1,7 @@
 """Shared test setup: offline hub, and a small demo profile for graph tests."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,6 +14,13 @@ from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.synthesis.views import VIEWS
 
 SMALL_SHARD = 64
+
+# The shared reference data lies beside the checkout (CI copies it there too).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BENCHMARKS = SHARED_DATA / "benchmarks"
+requires_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"shared benchmark annotations not found at {SHARED_DATA}"
+)
 
 
 def small_demo_resources(home, **store_overrides) -> dict:

@@ -3,9 +3,9 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, SHARED_DATA, requires_shared_data
 
 from megapairs_dagster.benchmarks.cli import main
 from megapairs_dagster.benchmarks.readers import (
@@ -25,10 +25,8 @@ from megapairs_dagster.benchmarks.submission import (
     write_submission,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BENCHMARKS = DATA / "benchmarks"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(),
-                                reason=f"shared benchmark annotations not found at {DATA}")
+DATA = SHARED_DATA
+pytestmark = requires_shared_data
 CIRCO_FILLER = [str(10**9 + i) for i in range(60)]  # no COCO id is this large
 
 

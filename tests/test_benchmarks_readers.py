@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, SHARED_DATA, requires_shared_data
 
 from megapairs_dagster.benchmarks.query_text import circo_query_text, fashioniq_query_text
 from megapairs_dagster.benchmarks.readers import (
@@ -18,10 +19,8 @@ from megapairs_dagster.benchmarks.readers import (
     read_fashioniq_gallery,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BENCHMARKS = DATA / "benchmarks"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(),
-                                reason=f"shared benchmark annotations not found at {DATA}")
+DATA = SHARED_DATA
+pytestmark = requires_shared_data
 
 
 def _jsonl(path: Path) -> list[dict]:
