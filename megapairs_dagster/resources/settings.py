@@ -1,18 +1,37 @@
-"""Resources that carry configuration: where the corpus is, which encoders, which device."""
+"""Resources that carry configuration: where the corpus is, which encoders, which device.
+
+Every setting counts towards the code version of the assets that read it
+(``assets/code_versions.py``) unless it is declared ``unversioned``: settings that change where
+or how fast an asset is computed, not what it holds. Device and dtype are among those: a
+different precision is not a reason to recompute a corpus.
+"""
 
 
-from typing import Literal
+from typing import Any, Literal
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
 
+def unversioned(default: Any = ..., **kwargs) -> Any:
+    """A setting left out of code versions: changing it marks no asset stale."""
+    return Field(default, json_schema_extra={"versioned": False}, **kwargs)
+
+
+def versioned_fields(resource: ConfigurableResource) -> list[str]:
+    """The settings of ``resource`` that shape what the assets reading it produce."""
+    return [
+        name for name, field in type(resource).model_fields.items()
+        if (field.json_schema_extra or {}).get("versioned", True)
+    ]
+
+
 class CorpusSource(ConfigurableResource):
     """Where shards come from: webdataset tars, image folders or parquet files, local or S3."""
 
-    url: str = Field(description="Folder or s3://bucket/prefix holding the shards.")
-    format: Literal["auto", "webdataset", "folder", "parquet"] = "auto"
-    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint.")
+    url: str = unversioned(description="Folder or s3://bucket/prefix holding the shards.")
+    format: Literal["auto", "webdataset", "folder", "parquet"] = unversioned("auto")
+    endpoint_url: str | None = unversioned(None, description="S3-compatible endpoint.")
     image_column: str = Field(default="image", description="Parquet column with image bytes.")
     caption_column: str = Field(default="caption", description="Parquet column with captions.")
     max_side: int = Field(default=512, description="Longest side of a normalised image.")
@@ -42,7 +61,7 @@ class Encoders(ConfigurableResource):
         default=True,
         description="Blind the visual-pattern view to the background (estimated from the border).",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = unversioned(False)
     bootstrap_max_seconds: float = Field(default=240, description="Demo CLIP training budget.")
     bootstrap_max_images: int = Field(default=4000, description="Demo CLIP training sample.")
     seed: int = 0
@@ -51,12 +70,12 @@ class Encoders(ConfigurableResource):
 class Compute(ConfigurableResource):
     """Device and batching for model inference."""
 
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: int = 64
-    num_workers: int = Field(default=1, description="DataLoader workers decoding images.")
-    cache_dir: str = Field(
-        default="data/cache", description="Local copy of encoder weights kept in a remote store."
+    device: str = unversioned("auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16"] = unversioned("float32")
+    batch_size: int = unversioned(64)
+    num_workers: int = unversioned(1, description="DataLoader workers decoding images.")
+    cache_dir: str = unversioned(
+        "data/cache", description="Local copy of encoder weights kept in a remote store."
     )
 
 
@@ -104,34 +123,35 @@ class Generation(ConfigurableResource):
     max_attempts: int = Field(default=2, description="Tries per pair, each with a new seed.")
     max_new_tokens: int = 256
     temperature: float = 0.7
-    batch_size: int = 8
-    chunk_size: int = Field(default=256, description="Pairs per saved chunk (resume unit).")
-    device: str = "cpu"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+    # Seeds derive from (seed, pair, stage, attempt): batch and chunk size do not change output.
+    batch_size: int = unversioned(8)
+    chunk_size: int = unversioned(256, description="Pairs per saved chunk (resume unit).")
+    device: str = unversioned("cpu")
+    dtype: str = unversioned("auto")
+    trust_remote_code: bool = unversioned(False)
     seed: int = 0
-    min_parse_rate: float = Field(
-        default=0.9, description="Asset check: share of pairs that must yield instructions."
+    min_parse_rate: float = unversioned(
+        0.9, description="Asset check: share of pairs that must yield instructions."
     )
 
 
 class TripletDatabase(ConfigurableResource):
     """The DuckDB file holding the ``triplets`` and ``images`` tables (one writer at a time)."""
 
-    path: str = Field(default="data/megapairs.duckdb", description="Local DuckDB file.")
-    lock_timeout_s: float = Field(
-        default=900, description="How long a writer waits for another process's write."
+    path: str = unversioned("data/megapairs.duckdb", description="Local DuckDB file.")
+    lock_timeout_s: float = unversioned(
+        900, description="How long a writer waits for another process's write."
     )
 
 
 class BenchmarkData(ConfigurableResource):
     """Where the real benchmarks live; a benchmark whose paths are unset is skipped."""
 
-    circo_annotations: str | None = Field(
-        default=None, description="CIRCO annotations file (val.json, with ground truths)."
+    circo_annotations: str | None = unversioned(
+        None, description="CIRCO annotations file (val.json, with ground truths)."
     )
-    circo_images: str | None = Field(
-        default=None, description="Folder of the COCO unlabeled2017 images (NNNNNNNNNNNN.jpg)."
+    circo_images: str | None = unversioned(
+        None, description="Folder of the COCO unlabeled2017 images (NNNNNNNNNNNN.jpg)."
     )
 
 

@@ -16,10 +16,10 @@ from dagster import (
     OutputContext,
     ResourceDependency,
 )
-from pydantic import Field
 
 from megapairs_dagster import __version__
 from megapairs_dagster.artifacts import BINARY_ARTIFACTS
+from megapairs_dagster.resources.settings import unversioned
 from megapairs_dagster.storage import ArtifactStoreClient
 
 TABLE_SUFFIX = ".parquet"
@@ -33,9 +33,9 @@ class ArtifactStore(ConfigurableResource):
     (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or an instance profile).
     """
 
-    url: str = Field(default="data/artifacts", description="Local folder or s3://bucket/prefix.")
-    endpoint_url: str | None = Field(
-        default=None, description="S3-compatible endpoint (MinIO, moto); None for AWS."
+    url: str = unversioned("data/artifacts", description="Local folder or s3://bucket/prefix.")
+    endpoint_url: str | None = unversioned(
+        None, description="S3-compatible endpoint (MinIO, moto); None for AWS."
     )
 
     def storage_options(self) -> dict[str, Any]:
