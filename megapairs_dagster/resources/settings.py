@@ -145,7 +145,10 @@ class TripletDatabase(ConfigurableResource):
 
 
 class BenchmarkData(ConfigurableResource):
-    """Where the real benchmarks live; a benchmark whose paths are unset is skipped."""
+    """Where the real benchmarks live; a benchmark whose paths are unset is skipped.
+
+    Each benchmark has a ``<benchmark>_annotations`` and a ``<benchmark>_images`` setting.
+    """
 
     circo_annotations: str | None = unversioned(
         None, description="CIRCO annotations file (val.json, with ground truths)."
@@ -153,6 +156,29 @@ class BenchmarkData(ConfigurableResource):
     circo_images: str | None = unversioned(
         None, description="Folder of the COCO unlabeled2017 images (NNNNNNNNNNNN.jpg)."
     )
+    cirr_annotations: str | None = unversioned(
+        None, description="Folder with CIRR's cap.rc2.val.json and split.rc2.val.json (directly "
+        "or in captions/ and image_splits/, as the CIRR repository has them).",
+    )
+    cirr_images: str | None = unversioned(
+        None, description="CIRR's img_raw folder, which the split file's paths are relative "
+        "to: it holds dev/ with the NLVR2 images (dev/dev-244-0-img0.png).",
+    )
+    fashioniq_annotations: str | None = unversioned(
+        None, description="Folder with FashionIQ's cap.<category>.val.json and "
+        "split.<category>.val.json for dress, shirt and toptee (directly or in captions/ and "
+        "image_splits/).",
+    )
+    fashioniq_images: str | None = unversioned(
+        None, description="Folder of the FashionIQ images (<asin>.png or <asin>.jpg)."
+    )
+
+    def unset(self, benchmark: str) -> list[str]:
+        """The settings still to set before ``benchmark`` can be scored (the demo needs none)."""
+        if benchmark == "demo_cir":
+            return []
+        names = (f"{benchmark}_annotations", f"{benchmark}_images")
+        return [f"benchmark_data.{name}" for name in names if not getattr(self, name)]
 
 
 class Training(ConfigurableResource):
