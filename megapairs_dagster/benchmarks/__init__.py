@@ -2,20 +2,30 @@
 
 - ``readers``: CIRCO, CIRR rc2 and FashionIQ annotation files -> ``CirQuery`` lists and
   gallery id lists (all ids as strings).
-- ``query_text``: the query texts of the MegaPairs evaluation files (CIRCO, FashionIQ).
+- ``query_text``: the query texts of the MegaPairs evaluation files (CIRCO, FashionIQ), and
+  CIRR's relative caption.
 - ``metrics``: CIRCO mAP@k / R@k, CIRR R@k / R_subset@k, FashionIQ R@10/50, matching the
   official evaluation code's quirks; ``rank_gallery`` turns similarities into rankings.
 - ``submission``: the CIRCO and CIRR test-server files, built and validated.
+- ``datasets``: the official CIRR and FashionIQ folders on disk -> queries, galleries and a
+  checked image loader.
+- ``evaluate``: score a model exposing ``encode(images=..., text=...)`` on CIRCO-format, CIRR
+  and FashionIQ benchmarks.
 - ``cli``: the ``score`` command.
 """
 
+from megapairs_dagster.benchmarks.datasets import find_annotation_file, load_cirr, load_fashioniq
 from megapairs_dagster.benchmarks.metrics import (
     circo_metrics,
     cirr_metrics,
     fashioniq_metrics,
     rank_gallery,
 )
-from megapairs_dagster.benchmarks.query_text import circo_query_text, fashioniq_query_text
+from megapairs_dagster.benchmarks.query_text import (
+    circo_query_text,
+    cirr_query_text,
+    fashioniq_query_text,
+)
 from megapairs_dagster.benchmarks.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
@@ -24,6 +34,7 @@ from megapairs_dagster.benchmarks.readers import (
     read_circo_gallery,
     read_cirr,
     read_cirr_gallery,
+    read_cirr_split,
     read_fashioniq,
     read_fashioniq_gallery,
 )
@@ -41,9 +52,10 @@ from megapairs_dagster.benchmarks.submission import (
 __all__ = [
     "FASHIONIQ_CATEGORIES", "BenchmarkInputError", "CirQuery",
     "build_circo_submission", "build_cirr_submissions", "circo_metrics", "circo_query_text",
-    "cirr_metrics", "fashioniq_metrics", "fashioniq_query_text", "rank_gallery",
+    "cirr_metrics", "cirr_query_text", "fashioniq_metrics", "fashioniq_query_text",
+    "find_annotation_file", "load_cirr", "load_fashioniq", "rank_gallery",
     "read_circo", "read_circo_gallery", "read_circo_submission", "read_cirr",
-    "read_cirr_gallery", "read_cirr_submission", "read_fashioniq", "read_fashioniq_gallery",
-    "read_fashioniq_predictions", "validate_circo_submission", "validate_cirr_submission",
-    "write_submission",
+    "read_cirr_gallery", "read_cirr_split", "read_cirr_submission", "read_fashioniq",
+    "read_fashioniq_gallery", "read_fashioniq_predictions", "validate_circo_submission",
+    "validate_cirr_submission", "write_submission",
 ]

@@ -19,6 +19,7 @@ import json
 import re
 from pathlib import Path
 
+from megapairs_dagster.benchmarks.datasets import find_annotation_file
 from megapairs_dagster.benchmarks.metrics import circo_metrics, cirr_metrics, fashioniq_metrics
 from megapairs_dagster.benchmarks.readers import (
     FASHIONIQ_CATEGORIES,
@@ -37,13 +38,8 @@ BENCHMARKS = ("circo", "cirr", "fashioniq")
 
 
 def _annotation_file(annotations: Path, name: str) -> Path:
-    """``annotations`` itself if a file, else ``name`` in it or in its ``captions/``."""
-    if annotations.is_file():
-        return annotations
-    for candidate in (annotations / name, annotations / "captions" / name):
-        if candidate.is_file():
-            return candidate
-    raise BenchmarkInputError(f"{annotations}: no file {name} here or in captions/")
+    """``annotations`` itself if a file, else ``name`` in it or in its official sub-folders."""
+    return annotations if annotations.is_file() else find_annotation_file(annotations, name)
 
 
 def _fashioniq_annotation_files(annotations: Path, split: str) -> dict[str, Path]:

@@ -134,12 +134,18 @@ def read_fashioniq(path: str | Path) -> list[CirQuery]:
     return _records(path, parse)
 
 
+def read_cirr_split(path: str | Path) -> dict[str, str]:
+    """A CIRR split file (``split.rc2.{val,test1}.json``): image name -> path relative to the
+    folder of CIRR's image folders (``./dev/dev-244-0-img0.png``), in file order."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not all(isinstance(value, str) for value in data.values()):
+        raise BenchmarkInputError(f"{path}: expected a JSON object of image name -> path")
+    return data
+
+
 def read_cirr_gallery(path: str | Path) -> list[str]:
     """Image names of a CIRR split file (``split.rc2.{val,test1}.json``), in file order."""
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise BenchmarkInputError(f"{path}: expected a JSON object of image name -> path")
-    return list(data)
+    return list(read_cirr_split(path))
 
 
 def read_fashioniq_gallery(path: str | Path) -> list[str]:
