@@ -3,6 +3,7 @@
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from dagster import (
@@ -19,14 +20,23 @@ from PIL import Image
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
 from megapairs_dagster.assets.training import model_variants, open_start_model
 from megapairs_dagster.assets.triplets import triplet_store
-from megapairs_dagster.benchmarks.evaluate import evaluate_circo_format
+from megapairs_dagster.benchmarks.datasets import load_cirr, load_fashioniq
+from megapairs_dagster.benchmarks.evaluate import (
+    ComposedEncoder,
+    Metrics,
+    evaluate_circo_format,
+    evaluate_cirr,
+    evaluate_fashioniq,
+)
 from megapairs_dagster.benchmarks.readers import read_circo
 from megapairs_dagster.demo import write_demo_benchmark
 from megapairs_dagster.resources.settings import BenchmarkData, Compute, TripletDatabase
 from megapairs_dagster.resources.store import ArtifactStore, artifact_relpath, load_artifact
 from megapairs_dagster.retrieval import MMRetCLIP
 
-BENCHMARKS = ["demo_cir", "circo"]
+BENCHMARKS = ["demo_cir", "circo", "cirr", "fashioniq"]
+# The metric each benchmark's papers lead with: the one shown per query group in the metadata.
+HEADLINE_METRIC = {"demo_cir": "mAP@5", "circo": "mAP@5", "cirr": "R@1", "fashioniq": "R@10"}
 # `base_encoder` scores the untrained base (zero-shot, same fusion); the rest are MMRet variants.
 SCORED_MODELS = ["base_encoder", *model_variants.get_partition_keys()]
 benchmark_by_model = MultiPartitionsDefinition(
@@ -56,7 +66,11 @@ def demo_benchmark(store: ArtifactStore) -> MaterializeResult:
     )
 
 
-def _demo_cir(store: ArtifactStore):
+# A benchmark, read and checked, waiting for the model to score.
+Scorer = Callable[[ComposedEncoder], Metrics]
+
+
+def _demo_cir(store: ArtifactStore) -> Scorer:
     client = store.client()
     raw = json.loads(client.read_bytes("demo_benchmark/annotations/val.json"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,10 +85,10 @@ def _demo_cir(store: ArtifactStore):
         data = client.read_bytes(f"demo_benchmark/images/{int(image_id):012d}.jpg")
         return Image.open(io.BytesIO(data)).convert("RGB")
 
-    return queries, gallery, load, groups
+    return lambda model: evaluate_circo_format(model, queries, gallery, load, groups=groups)
 
 
-def _circo(data: BenchmarkData):
+def _circo(data: BenchmarkData) -> Scorer:
     folder = Path(data.circo_images)
     queries = read_circo(data.circo_annotations)
     gallery = sorted(str(int(p.stem)) for p in folder.glob("*.jpg"))
@@ -82,7 +96,20 @@ def _circo(data: BenchmarkData):
     def load(image_id: str) -> Image.Image:
         return Image.open(folder / f"{int(image_id):012d}.jpg").convert("RGB")
 
-    return queries, gallery, load, None
+    return lambda model: evaluate_circo_format(model, queries, gallery, load)
+
+
+def _cirr(data: BenchmarkData) -> Scorer:
+    queries, gallery, load = load_cirr(data.cirr_annotations, data.cirr_images)
+    return lambda model: evaluate_cirr(model, queries, gallery, load)
+
+
+def _fashioniq(data: BenchmarkData) -> Scorer:
+    queries, galleries, load = load_fashioniq(data.fashioniq_annotations, data.fashioniq_images)
+    return lambda model: evaluate_fashioniq(model, queries, galleries, load)
+
+
+REAL_BENCHMARKS = {"circo": _circo, "cirr": _cirr, "fashioniq": _fashioniq}
 
 
 @asset(
@@ -94,7 +121,7 @@ def _circo(data: BenchmarkData):
     op_tags=GPU_TAGS,
     description="Metrics of one model on one benchmark, as the official evaluation computes "
     "them; also rows of the DuckDB table `benchmark_scores`. Unconfigured benchmarks are "
-    "skipped with a message.",
+    "skipped with a message naming the settings to set.",
 )
 def benchmark_scores(
     context: AssetExecutionContext,
@@ -105,10 +132,14 @@ def benchmark_scores(
 ) -> MaterializeResult:
     keys = context.partition_key.keys_by_dimension
     benchmark, model_name = keys["benchmark"], keys["model"]
-    if benchmark == "circo" and not (benchmark_data.circo_annotations and benchmark_data.circo_images):
-        message = "skipped: set benchmark_data.circo_annotations and circo_images to score CIRCO"
+    unset = benchmark_data.unset(benchmark)
+    if unset:
+        message = f"skipped: set {' and '.join(unset)} to score {benchmark}"
         context.log.warning(message)
         return MaterializeResult(metadata={"skipped": message})
+    # Read and check the benchmark before loading a model: a missing image fails fast.
+    read = REAL_BENCHMARKS.get(benchmark)
+    score = read(benchmark_data) if read else _demo_cir(store)
     client = store.client()
     base_encoders = load_artifact(client, artifact_relpath(["base_encoders"], None))
     if model_name == "base_encoder":
@@ -118,15 +149,14 @@ def benchmark_scores(
         record = load_artifact(client, artifact_relpath(["mmret_clip"], model_name))
         checkpoint = record["checkpoint"]
         model = MMRetCLIP.from_pretrained(client.local_dir(checkpoint, compute.cache_dir))
-    queries, gallery, load, groups = _demo_cir(store) if benchmark == "demo_cir" else _circo(benchmark_data)
-    metrics = evaluate_circo_format(model, queries, gallery, load, groups=groups)
+    metrics = score(model)
     rows = triplet_store(triplet_db).replace_scores(benchmark, model_name, metrics, checkpoint)
-    overall = metrics["all"]
+    overall, headline = metrics["all"], HEADLINE_METRIC[benchmark]
     return MaterializeResult(
         metadata={
             **{name: float(value) for name, value in overall.items()},
             "by_group": MetadataValue.json(
-                {group: round(values["mAP@5"], 2) for group, values in metrics.items()}
+                {group: round(values[headline], 2) for group, values in metrics.items()}
             ),
             "checkpoint": checkpoint,
             "duckdb_rows": rows,
