@@ -14,13 +14,7 @@ from megapairs_dagster.assets.code_versions import DESCRIBE, INSTRUCT, VERSIONED
 from megapairs_dagster.definitions import build_definitions, defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.resources.profiles import resources_for
-from megapairs_dagster.resources.settings import (
-    Compute,
-    CorpusSource,
-    Generation,
-    Mining,
-    versioned_fields,
-)
+from megapairs_dagster.resources.settings import Generation, versioned_fields
 from megapairs_dagster.synthesis.views import VIEWS
 
 
@@ -33,6 +27,13 @@ def _changed(before: dict, after: dict) -> set[str]:
     return {name for name in before if before[name] != after[name]}
 
 
+def _with(resources: dict, key: str, **changes) -> dict:
+    """``resources`` with some settings of one resource changed, the rest as they were."""
+    resource = resources[key]
+    settings = {name: getattr(resource, name) for name in type(resource).model_fields}
+    return {**resources, key: type(resource)(**{**settings, **changes})}
+
+
 @pytest.fixture(scope="module")
 def demo():
     resources = resources_for("demo", "home")
@@ -42,52 +43,43 @@ def demo():
 def test_a_mining_window_changes_the_pairs_and_nothing_upstream(demo):
     resources, before = demo
     windows = {**resources["mining"].windows, "clip_image": [0.8, 0.95]}
-    after = _versions({**resources, "mining": Mining(windows=windows)})
+    after = _versions(_with(resources, "mining", windows=windows))
     assert _changed(before, after) == {"image_pairs", "view_report"}
     assert after["image_pairs"].startswith("1+")
     for name in ("corpus_images", "corpus_rejects", *(f"embeddings_{view}" for view in VIEWS)):
         assert after[name] == before[name], name
     # targets per query change the pairs only: the view report reads the windows alone
-    mining = Mining(windows=resources["mining"].windows, targets_per_query=2)
-    assert _changed(before, _versions({**resources, "mining": mining})) == {"image_pairs"}
+    after = _versions(_with(resources, "mining", targets_per_query=2))
+    assert _changed(before, after) == {"image_pairs"}
 
 
 def test_a_prompt_version_changes_both_generation_steps_a_new_llm_only_the_second(demo):
     resources, before = demo
-    after = _versions(
-        {**resources, "generation": Generation(backend="template", prompt_version="v2")}
-    )
+    after = _versions(_with(resources, "generation", prompt_version="v2"))
     assert _changed(before, after) == {
         "pair_descriptions",
         "description_rejects",
         "instructions",
         "instruction_rejects",
     }
-    after = _versions(
-        {**resources, "generation": Generation(instruction_model="/models/other-llm")}
-    )
+    after = _versions(_with(resources, "generation", instruction_model="/models/other-llm"))
     assert _changed(before, after) == {"instructions", "instruction_rejects"}
 
 
 def test_throughput_and_placement_settings_change_no_version(demo):
     resources, before = demo
-    after = _versions(
-        {
-            **resources,
-            "compute": Compute(
-                device="cuda",
-                dtype="bfloat16",
-                batch_size=512,
-                num_workers=8,
-                cache_dir="/elsewhere",
-            ),
-            "generation": Generation(
-                backend="template", batch_size=64, chunk_size=16, device="cuda"
-            ),
-            "corpus_source": CorpusSource(url="s3://bucket/copy", format="webdataset"),
-        }
+    changed = _with(
+        resources,
+        "compute",
+        device="cuda",
+        dtype="bfloat16",
+        batch_size=512,
+        num_workers=8,
+        cache_dir="/elsewhere",
     )
-    assert after == before
+    changed = _with(changed, "generation", batch_size=64, chunk_size=16, device="cuda")
+    changed = _with(changed, "corpus_source", url="s3://bucket/copy", format="parquet")
+    assert _versions(changed) == before
 
 
 def test_identical_config_gives_identical_versions(demo):
@@ -103,14 +95,8 @@ def test_env_vars_count_by_name_and_need_not_be_set(monkeypatch):
     unset = _versions(paper)
     monkeypatch.setenv("MEGAPAIRS_MLLM", "/models/llava")
     assert _versions(resources_for("paper")) == unset
-    renamed = Generation(
-        backend="transformers",
-        description_model=EnvVar("MEGAPAIRS_OTHER_MLLM"),
-        instruction_model=EnvVar("MEGAPAIRS_LLM"),
-        device="cuda",
-        dtype="bfloat16",
-    )
-    assert _changed(unset, _versions({**paper, "generation": renamed})) == {
+    renamed = _with(paper, "generation", description_model=EnvVar("MEGAPAIRS_OTHER_MLLM"))
+    assert _changed(unset, _versions(renamed)) == {
         "pair_descriptions",
         "description_rejects",
     }
@@ -165,15 +151,10 @@ def test_a_changed_setting_shows_the_materialised_asset_stale_in_dagster(tmp_pat
     ).success
     assert status(old) == {name: (StaleStatus.FRESH, []) for name in ingest}
 
-    moved = {**resources, "compute": Compute(device="cuda", batch_size=8)}
+    moved = _with(resources, "compute", device="cuda", batch_size=8)
     assert status(build_definitions(moved)) == {name: (StaleStatus.FRESH, []) for name in ingest}
 
-    smaller = {
-        **resources,
-        "corpus_source": CorpusSource(
-            url=str(tmp_path / "demo_corpus"), format="webdataset", max_side=64
-        ),
-    }
+    smaller = _with(resources, "corpus_source", max_side=64)
     new = build_definitions(smaller)
     stale = (StaleStatus.STALE, [(StaleCauseCategory.CODE, "has a new code version")])
     assert status(new) == {name: stale for name in ingest}
