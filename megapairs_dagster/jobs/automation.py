@@ -5,10 +5,11 @@ the ``AutomationCondition`` attached here to each asset, keyed by asset name, an
 ``automation_sensor`` (running by default). The policy:
 
 - per-shard assets (``embeddings_*``, ``neighbors_*``, ``image_pairs``, ``pair_descriptions`` +
-  ``description_rejects``, ``instructions`` + ``instruction_rejects``, ``triplets``): run a
-  partition **once, when it is missing** and every dependency is present and idle. They are
-  never re-run because a dependency changed, so a rebuilt global index does not recompute the
-  neighbours of old shards (Dagster still shows them as stale; the nightly schedule in
+  ``description_rejects``, ``instructions`` + ``instruction_rejects``, ``triplets``): request a
+  partition **once, when it is missing** and every dependency is present and idle; not again
+  before that request has materialised it, nor after a failed run. They are never re-run
+  because a dependency changed, so a rebuilt global index does not recompute the neighbours of
+  old shards (Dagster still shows them as stale; the nightly schedule in
   ``schedules.py`` and explicit backfills are how stale partitions get refreshed). Per-shard
   steps whose dependencies are requested on the same tick share one run.
 - ``neighbors_<view>`` additionally waits until ``knn_index_<view>`` was materialised *after*
@@ -94,16 +95,22 @@ def _ready() -> AutomationCondition:
     )
 
 
-def _missing_not_failed() -> AutomationCondition:
+def _missing_not_tried() -> AutomationCondition:
+    """Missing, and neither requested since it was last materialised nor failed."""
     # Plain `missing`, not `on_missing()`: on_missing ignores what is already missing on the
     # sensor's first evaluation (a shard added just before it would never run). A failed
     # execution is not retried in a loop; the nightly schedule or a backfill retries it.
-    return AutomationCondition.missing() & ~AutomationCondition.execution_failed()
+    # Requested once is enough. Dagster reads a partition's "materialised" and "in progress" in
+    # separate queries, so one that is materialised while a tick is evaluated can look missing
+    # and idle to that tick, which asked for it again (a second `triplets` run in a server
+    # test). A requested partition is not requested again until it is seen materialised.
+    requested = AutomationCondition.newly_requested().since(~AutomationCondition.missing())
+    return AutomationCondition.missing() & ~AutomationCondition.execution_failed() & ~requested
 
 
 def missing_partition(global_deps: Iterable[str] = ()) -> AutomationCondition:
     """Run a partition once when it is missing and every dependency is present and idle."""
-    condition = _missing_not_failed() & _ready()
+    condition = _missing_not_tried() & _ready()
     global_deps = list(global_deps)
     if global_deps:
         condition = condition & _not_requested_or_running(global_deps)
@@ -116,7 +123,7 @@ def rebuild_after_updates(deps: Iterable[str]) -> AutomationCondition:
     partitioned dependencies it reads."""
     # (when missing: only once some dependency partition exists, not over an empty corpus)
     has_input = AutomationCondition.any_deps_match(~AutomationCondition.missing())
-    trigger = (_missing_not_failed() & has_input) | (
+    trigger = (_missing_not_tried() & has_input) | (
         AutomationCondition.any_deps_updated().since_last_handled()
     )
     return (trigger & _ready() & _not_requested_or_running(deps)).with_label(
@@ -127,7 +134,7 @@ def rebuild_after_updates(deps: Iterable[str]) -> AutomationCondition:
 def baseline_once() -> AutomationCondition:
     """Materialise once, when missing and at least one dependency partition exists."""
     return (
-        _missing_not_failed()
+        _missing_not_tried()
         & _ready()
         & AutomationCondition.any_deps_match(~AutomationCondition.missing())
     ).with_label("baseline_once")

@@ -1,0 +1,169 @@
+"""The automation conditions of jobs/automation.py, evaluated in process tick by tick.
+
+Materialisations are reported straight to an ephemeral instance (nothing is computed), so each
+test shows in seconds what the automation sensor would request on a server.
+"""
+
+from unittest import mock
+
+import pytest
+from dagster import AssetKey, AssetMaterialization, DagsterInstance, evaluate_automation_conditions
+from dagster._core.storage.event_log.base import AssetRecord
+
+from megapairs_dagster.definitions import defs
+from megapairs_dagster.jobs.schedules import AFTER_INDEX, INGEST_AND_EMBED
+from megapairs_dagster.synthesis.views import VIEWS
+
+OLD, NEW = "00000", "00001"
+GLOBAL = ["base_encoders", *(f"knn_index_{v}" for v in VIEWS), "view_report", "megapairs_export"]
+AFTER_NEIGHBORS = [name for name in AFTER_INDEX if not name.startswith("neighbors_")]
+
+
+class Ticks:
+    """Successive evaluations of the automation sensor, the cursor carried from one to the next."""
+
+    def __init__(self, instance: DagsterInstance):
+        self.instance = instance
+        self.cursor = None
+        self.keys = defs.resolve_asset_graph().get_all_asset_keys()
+
+    def __call__(self) -> dict[str, set]:
+        """What this tick requests: asset name → partitions (None for an unpartitioned asset)."""
+        result = evaluate_automation_conditions(
+            defs=defs, instance=self.instance, cursor=self.cursor
+        )
+        self.cursor = result.cursor
+        requested = {
+            key.to_user_string(): result.get_requested_partitions(key) for key in self.keys
+        }
+        return {name: set(partitions) for name, partitions in requested.items() if partitions}
+
+
+def materialised(instance: DagsterInstance, names, partition: str | None = None) -> None:
+    for name in names:
+        instance.report_runless_asset_event(AssetMaterialization(name, partition=partition))
+
+
+@pytest.fixture
+def instance():
+    with DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+@pytest.fixture
+def ticks(instance):
+    """One shard materialised all through, the automation idle, then a new shard ingested."""
+    instance.add_dynamic_partitions("shards", [OLD])
+    materialised(instance, [*INGEST_AND_EMBED, *AFTER_INDEX], OLD)
+    materialised(instance, GLOBAL)
+    ticks = Ticks(instance)
+    assert ticks() == {}
+    instance.add_dynamic_partitions("shards", [NEW])
+    materialised(instance, ["corpus_images", "corpus_rejects"], NEW)
+    return ticks
+
+
+def test_a_new_shard_is_embedded_and_nothing_of_the_old_one_runs(ticks):
+    assert ticks() == {f"embeddings_{view}": {NEW} for view in VIEWS}
+
+
+def test_neighbours_wait_for_an_index_built_after_the_shards_embeddings(ticks, instance):
+    ticks()
+    materialised(instance, [f"embeddings_{view}" for view in VIEWS], NEW)
+    # the indexes are rebuilt; the neighbours would search indexes without the new shard
+    assert ticks() == {f"knn_index_{view}": {None} for view in VIEWS}
+    assert ticks() == {}
+    materialised(instance, ["knn_index_clip_image"])
+    assert ticks() == {"neighbors_clip_image": {NEW}}
+    materialised(instance, ["neighbors_clip_image"], NEW)
+    materialised(instance, ["knn_index_dino_image", "knn_index_clip_caption"])
+    # the last neighbours and every later per-shard step share one run; the report follows
+    assert ticks() == {
+        "neighbors_dino_image": {NEW},
+        "neighbors_clip_caption": {NEW},
+        **{name: {NEW} for name in AFTER_NEIGHBORS},
+    }
+
+
+def test_base_encoders_run_once_when_missing_after_a_first_ingest(instance):
+    instance.add_dynamic_partitions("shards", [OLD])
+    ticks = Ticks(instance)
+    assert ticks() == {}  # no shard ingested yet: nothing to train on
+    materialised(instance, ["corpus_images", "corpus_rejects"], OLD)
+    assert ticks() == {"base_encoders": {None}}  # the embeddings wait for its run
+    assert ticks() == {}  # requested once, even before its run shows up
+    materialised(instance, ["base_encoders"])
+    assert ticks() == {f"embeddings_{view}": {OLD} for view in VIEWS}
+    materialised(instance, [f"embeddings_{view}" for view in VIEWS], OLD)
+    instance.add_dynamic_partitions("shards", [NEW])
+    materialised(instance, ["corpus_images", "corpus_rejects"], NEW)
+    requested = ticks()
+    assert "base_encoders" not in requested  # the baseline is never retrained by automation
+    assert requested["embeddings_clip_image"] == {NEW}
+
+
+def _through_neighbours(ticks, instance) -> dict:
+    """The new shard up to its neighbours; returns the tick that requests the rest."""
+    materialised(instance, [f"embeddings_{view}" for view in VIEWS], NEW)
+    materialised(instance, [f"knn_index_{view}" for view in VIEWS])
+    materialised(instance, [f"neighbors_{view}" for view in VIEWS], NEW)
+    return ticks()
+
+
+def test_a_partition_is_requested_once_even_before_its_run_shows_up(ticks, instance):
+    """Two ticks in a row, nothing materialised and no run in the instance: the second tick
+    must not ask again for what the first one requested."""
+    requested = _through_neighbours(ticks, instance)
+    assert {name: requested[name] for name in AFTER_NEIGHBORS} == {
+        n: {NEW} for n in AFTER_NEIGHBORS
+    }
+    for _ in range(2):
+        assert not set(ticks()) & set(AFTER_NEIGHBORS)
+    # once materialised, the export is rebuilt; nothing per shard runs again
+    materialised(instance, AFTER_NEIGHBORS, NEW)
+    assert ticks() == {"megapairs_export": {None}}
+
+
+def test_a_materialisation_during_a_tick_does_not_request_the_partition_again(ticks, instance):
+    """The server test once saw a new shard's `triplets` materialised twice, the second time in a
+    run of its own. Dagster reads a partition's status from the asset record first and its
+    planned-but-unmaterialised runs later: when `triplets` is materialised between the two reads,
+    the tick sees it neither materialised nor in progress. The tick here starts and reads the
+    asset record before the commit, and the planned runs after it."""
+    _through_neighbours(ticks, instance)
+    instance.create_run_for_job(
+        defs.resolve_implicit_global_asset_job_def(),
+        asset_selection={AssetKey(name) for name in AFTER_NEIGHBORS},
+        tags={"dagster/partition": NEW},
+    )
+    materialised(instance, [name for name in AFTER_NEIGHBORS if name != "triplets"], NEW)
+    assert ticks() == {}  # triplets is in progress
+    key = AssetKey("triplets")
+    (before_commit,) = instance.get_asset_records([key])
+    last_event = instance.event_log_storage.get_maximum_record_id()
+    materialised(instance, ["triplets"], NEW)
+    read = AssetRecord.blocking_get.__func__
+
+    def racing_read(cls, context, asset_key):
+        return before_commit if asset_key == key else read(cls, context, asset_key)
+
+    with (
+        mock.patch.object(AssetRecord, "blocking_get", classmethod(racing_read)),
+        mock.patch.object(
+            type(instance.event_log_storage), "get_maximum_record_id", return_value=last_event
+        ),
+    ):
+        assert "triplets" not in ticks()  # before the fix: {"triplets": {NEW}}, a second run
+    assert ticks() == {"megapairs_export": {None}}
+
+
+def test_a_queued_run_counts_as_in_progress(ticks, instance):
+    """Without the cursor's memory of the request, the run alone (planned, not started) keeps
+    its partitions from being requested again."""
+    _through_neighbours(ticks, instance)
+    instance.create_run_for_job(
+        defs.resolve_implicit_global_asset_job_def(),
+        asset_selection={AssetKey(name) for name in AFTER_NEIGHBORS},
+        tags={"dagster/partition": NEW},
+    )
+    assert not set(Ticks(instance)()) & set(AFTER_NEIGHBORS)
