@@ -13,6 +13,8 @@ from synthetic_shapes import COLOURS, SHAPES, shape_image
 from test_retrieval_model import tiny_model
 
 from megapairs_dagster.retrieval import (
+    CaptionSet,
+    ImagePixels,
     MMRetTrainingSet,
     PairExample,
     StepProgress,
@@ -256,3 +258,78 @@ def test_caption_term_needs_captions_and_changes_the_loss():
         replace(config, caption_loss_weight=0.5, batch_size=4, grad_accum_steps=2),
     )
     assert accumulated.losses == pytest.approx(with_term.losses, rel=1e-4)
+
+
+def test_pixel_cache_decodes_each_image_once_and_evicts_the_oldest():
+    model = tiny_model()
+    images = shape_images()
+    loads: list[int] = []
+
+    def load(image_id: int) -> Image.Image:
+        loads.append(image_id)
+        return images[image_id]
+
+    pixels = ImagePixels(load, model.preprocess, cache_images=2)
+    first = pixels(0)
+    torch.testing.assert_close(pixels(0), first)
+    pixels(1)
+    pixels(0)  # refreshes 0, so 1 is now the oldest
+    pixels(2)  # evicts 1
+    pixels(0)
+    pixels(1)
+    assert loads == [0, 1, 2, 1]
+    uncached = ImagePixels(load, model.preprocess)
+    uncached(0), uncached(0)
+    assert loads[-2:] == [0, 0]
+    with pytest.raises(ValueError, match="cache_images"):
+        ImagePixels(load, model.preprocess, cache_images=-1)
+
+
+def test_cached_and_uncached_training_take_the_same_steps():
+    config = TrainConfig(max_steps=3, batch_size=8, learning_rate=1e-4)
+    plain = train_mmret(tiny_model(), shapes_dataset(tiny_model()), config)
+    cached = train_mmret(tiny_model(), shapes_dataset(tiny_model(), cache_images=100), config)
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def caption_set(model, **options) -> CaptionSet:
+    images = shape_images()
+    captions = {i: f"a {SHAPES[i // 10]} in {SHAPE_COLOURS[i % 10]}" for i in images}
+    return CaptionSet(
+        captions, images.__getitem__, preprocess=model.preprocess, tokenizer=model.tokenizer,
+        **options,
+    )
+
+
+def test_caption_only_training_aligns_images_with_their_captions():
+    """The equal-compute control: the image-caption term alone, on (image, caption) items."""
+    model = tiny_model()
+    dataset = caption_set(model)
+    item = dataset[(2, 5)]
+    assert set(item) == {"image", "caption"}
+    torch.testing.assert_close(item["image"], model.preprocess(shape_images()[dataset.keys[5]]))
+    with pytest.raises(ValueError, match="trains nothing"):
+        train_mmret(model, dataset, TrainConfig(max_steps=1, batch_size=8))
+    report = train_mmret(
+        model, dataset,
+        TrainConfig(max_steps=40, batch_size=5, learning_rate=1e-3, caption_loss_weight=1.0),
+    )
+    first, last = sum(report.losses[:4]) / 4, sum(report.losses[-4:]) / 4
+    assert last < 0.6 * first, report.losses
+    accumulated = train_mmret(
+        tiny_model(), caption_set(tiny_model()),
+        TrainConfig(max_steps=2, batch_size=4, grad_accum_steps=2, learning_rate=1e-4,
+                    caption_loss_weight=1.0),
+    )
+    large = train_mmret(
+        tiny_model(), caption_set(tiny_model()),
+        TrainConfig(max_steps=2, batch_size=8, learning_rate=1e-4, caption_loss_weight=1.0),
+    )
+    assert accumulated.losses == pytest.approx(large.losses, rel=1e-4)
+
+
+def test_caption_set_rejects_empty_captions():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="empty caption"):
+        CaptionSet({0: "a circle", 1: "  "}, shape_images().__getitem__,
+                   preprocess=model.preprocess, tokenizer=model.tokenizer)

@@ -1,6 +1,6 @@
 """Framework-free MMRet retrievers: models, losses, trainer, inference API (no dagster import)."""
 
-from .data import DEFAULT_HARD_NEGATIVES, MMRetTrainingSet, PairExample
+from .data import DEFAULT_HARD_NEGATIVES, CaptionSet, ImagePixels, MMRetTrainingSet, PairExample
 from .loss import composed_infonce, gather_global, image_caption_infonce
 from .model import VARIANTS, MMRetCLIP
 from .train import StepProgress, TrainConfig, TrainReport, train_mmret
@@ -8,6 +8,8 @@ from .train import StepProgress, TrainConfig, TrainReport, train_mmret
 __all__ = [
     "DEFAULT_HARD_NEGATIVES",
     "VARIANTS",
+    "CaptionSet",
+    "ImagePixels",
     "MMRetCLIP",
     "MMRetTrainingSet",
     "PairExample",

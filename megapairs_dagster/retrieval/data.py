@@ -1,7 +1,9 @@
-"""Training examples for MMRet: (query image, one instruction, target, hard negatives).
+"""Training examples for MMRet: (query image, one instruction, target, hard negatives), and
+(image, caption) examples for the caption-only control.
 
-Two sources: the DuckDB ``triplets`` table (through ``TripletStore``, images fetched by a
-caller-given ``image_bytes(image_id)``), or a file in the released MegaPairs format.
+Two sources of triplets: the DuckDB ``triplets`` table (through ``TripletStore``, images
+fetched by a caller-given ``image_bytes(image_id)``), or a file in the released MegaPairs
+format.
 
 Per item and step, as the MegaPairs dataset card says, ONE instruction is drawn at random
 from the pair's list. Hard negatives: the query image is always the first (the released
@@ -16,6 +18,7 @@ item is the same in every process, DataLoader worker and resumed run.
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
@@ -59,6 +62,86 @@ class _UrlLoader:
             return Image.open(io.BytesIO(handle.read())).convert("RGB")
 
 
+class ImagePixels:
+    """Preprocessed pixels by image key, keeping the last ``cache_images`` in memory.
+
+    A triplet step decodes ~5 images per sample, and a small corpus reuses each image many
+    times per epoch: decoding again is most of a CPU step (benchmarks/bench_train.py).
+    Each DataLoader worker holds its own cache; 0 turns caching off.
+    """
+
+    def __init__(
+        self,
+        load_image: Callable[[Hashable], Image.Image],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        cache_images: int = 0,
+    ):
+        if cache_images < 0:
+            raise ValueError("cache_images must be >= 0")
+        self.load_image = load_image
+        self.preprocess = preprocess
+        self.cache_images = cache_images
+        self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    def __call__(self, key: Hashable) -> torch.Tensor:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        pixels = self.preprocess(self.load_image(key))
+        if self.cache_images:
+            self._cache[key] = pixels
+            if len(self._cache) > self.cache_images:
+                self._cache.popitem(last=False)
+        return pixels
+
+
+def _epoch_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    return key if isinstance(key, tuple) else (0, key)
+
+
+class CaptionSet(torch.utils.data.Dataset):
+    """(image, caption) items for training on captions alone (the equal-compute control).
+
+    Items are keyed like ``MMRetTrainingSet``'s and hold ``image`` pixels and ``caption``
+    tokens; the trainer then optimises only the image-caption term.
+    """
+
+    def __init__(
+        self,
+        captions: Mapping[Hashable, str],
+        load_image: Callable[[Hashable], Image.Image],
+        *,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        cache_images: int = 0,
+    ):
+        empty = [key for key, caption in captions.items() if not str(caption).strip()]
+        if empty:
+            raise ValueError(f"{len(empty)} image(s) have an empty caption, e.g. {empty[:3]}")
+        self.keys = list(captions)
+        self.captions = dict(captions)
+        self.pixels = ImagePixels(load_image, preprocess, cache_images)
+        self.tokenizer = tokenizer
+
+    has_captions = True
+
+    @classmethod
+    def from_image_bytes(
+        cls, captions: Mapping[int, str], image_bytes: Callable[[int], bytes], **options
+    ) -> CaptionSet:
+        return cls(captions, _ImageBytesLoader(image_bytes), **options)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        image_key = self.keys[_epoch_key(key)[1]]
+        return {
+            "image": self.pixels(image_key),
+            "caption": self.tokenizer([self.captions[image_key]])[0],
+        }
+
+
 class MMRetTrainingSet(torch.utils.data.Dataset):
     """Items keyed by ``(epoch, index)`` (a plain ``index`` means epoch 0).
 
@@ -78,6 +161,7 @@ class MMRetTrainingSet(torch.utils.data.Dataset):
         hard_negatives: int = DEFAULT_HARD_NEGATIVES,
         captions: Mapping[Hashable, str] | None = None,
         seed: int = 0,
+        cache_images: int = 0,
     ):
         if hard_negatives < 1:
             raise ValueError("hard_negatives counts the query image, so it must be >= 1")
@@ -86,8 +170,7 @@ class MMRetTrainingSet(torch.utils.data.Dataset):
             if missing:
                 raise ValueError(f"no caption for {len(missing)} query image(s), e.g. {missing[:3]}")
         self.examples = examples
-        self.load_image = load_image
-        self.preprocess = preprocess
+        self.pixels = ImagePixels(load_image, preprocess, cache_images)
         self.tokenizer = tokenizer
         self.hard_negatives = hard_negatives
         self.captions = None if captions is None else {e.query: captions[e.query] for e in examples}
@@ -162,19 +245,16 @@ class MMRetTrainingSet(torch.utils.data.Dataset):
     def _tokens(self, text: str) -> torch.Tensor:
         return self.tokenizer([text])[0]
 
-    def _pixels(self, key: Hashable) -> torch.Tensor:
-        return self.preprocess(self.load_image(key))
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index = _epoch_key(key)
         example = self.examples[index]
         instruction, negatives = self.draw(epoch, index)
-        query = self._pixels(example.query)
+        query = self.pixels(example.query)
         item = {
             "query": query,
             "instruction": self._tokens(instruction),
-            "positive": self._pixels(example.target),
-            "negatives": torch.stack([self._pixels(n) for n in negatives])
+            "positive": self.pixels(example.target),
+            "negatives": torch.stack([self.pixels(n) for n in negatives])
             if negatives
             else query.new_empty(0, *query.shape),
         }

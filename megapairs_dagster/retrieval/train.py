@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from megapairs_dagster.retrieval.data import MMRetTrainingSet
+from megapairs_dagster.retrieval.data import CaptionSet, MMRetTrainingSet
 from megapairs_dagster.retrieval.loss import (
     composed_infonce,
     gather_global,
@@ -137,7 +137,15 @@ def _embed(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
 ) -> dict[str, torch.Tensor]:
     """Normalised embeddings of a batch: composed queries, positives, hard negatives
-    (query image first) and, when present, captions."""
+    (query image first) and, when present, captions; a caption-only batch gives images
+    and captions."""
+    if "query" not in batch:
+        with autocast:
+            image_features, text_features = model(batch["image"], batch["caption"])
+        return {
+            "images": F.normalize(image_features.float(), dim=-1),
+            "captions": F.normalize(text_features.float(), dim=-1),
+        }
     queries, positives, negatives = batch["query"], batch["positive"], batch["negatives"]
     size, others = len(queries), negatives.shape[1]
     pixels = torch.cat([queries, positives, negatives.flatten(0, 1)])
@@ -167,21 +175,29 @@ def _embed(
 
 
 def _loss(embeddings: dict[str, torch.Tensor], config: TrainConfig, rank: int) -> torch.Tensor:
-    """This process's queries against the global batch's candidates."""
-    offset = rank * len(embeddings["queries"])
-    all_negatives = gather_global(embeddings["negatives"])
-    loss = composed_infonce(
-        embeddings["queries"],
-        gather_global(embeddings["positives"]),
-        all_negatives,
-        temperature=config.temperature,
-        query_offset=offset,
-    )
+    """This process's queries against the global batch's candidates, plus the weighted
+    image-caption term (the only term of a caption-only batch)."""
+    local_rows = embeddings["queries"] if "queries" in embeddings else embeddings["images"]
+    offset = rank * len(local_rows)
+    loss = local_rows.new_zeros(())
+    if "queries" in embeddings:
+        all_negatives = gather_global(embeddings["negatives"])
+        loss = loss + composed_infonce(
+            embeddings["queries"],
+            gather_global(embeddings["positives"]),
+            all_negatives,
+            temperature=config.temperature,
+            query_offset=offset,
+        )
+        images, all_images = embeddings["negatives"][:, 0], all_negatives[:, 0]
+    else:
+        images = embeddings["images"]
+        all_images = gather_global(images)
     if config.caption_loss_weight:
         loss = loss + config.caption_loss_weight * image_caption_infonce(
-            embeddings["negatives"][:, 0],
+            images,
             embeddings["captions"],
-            all_negatives[:, 0],
+            all_images,
             gather_global(embeddings["captions"]),
             temperature=config.temperature,
             query_offset=offset,
@@ -244,7 +260,7 @@ def _data_signature(config: TrainConfig, dataset_size: int, world_size: int) -> 
 
 def train_mmret(
     model: MMRetCLIP,
-    dataset: MMRetTrainingSet,
+    dataset: MMRetTrainingSet | CaptionSet,
     config: TrainConfig,
     progress: Callable[[StepProgress], None] | None = None,
 ) -> TrainReport:
@@ -255,6 +271,8 @@ def train_mmret(
     """
     if config.caption_loss_weight and not dataset.has_captions:
         raise ValueError("caption_loss_weight > 0 needs a dataset built with captions")
+    if isinstance(dataset, CaptionSet) and not config.caption_loss_weight:
+        raise ValueError("a caption-only dataset trains nothing with caption_loss_weight 0")
     device, owns_group = _setup_distributed(config.device)
     rank, world_size = world()
     global_batch = config.batch_size * config.grad_accum_steps * world_size
