@@ -12,6 +12,7 @@ from megapairs_dagster.synthesis.generation.base import PairInput
 from megapairs_dagster.synthesis.generation.parsing import (
     BACKEND_ERROR,
     NOT_A_LIST,
+    TOO_DIFFERENT,
     parse_instructions,
     validate_description,
 )
@@ -26,6 +27,7 @@ from megapairs_dagster.synthesis.generation.run import generate_descriptions, ge
 from megapairs_dagster.synthesis.generation.template import (
     TemplateDescriber,
     TemplateInstructor,
+    caption_changes,
     describe_pair,
     instruct_pair,
 )
@@ -264,3 +266,30 @@ def test_a_backend_error_rejects_only_its_batch():
     assert list(rejects.pair_id) == ["poison", "5-6"]
     assert set(rejects.reason) == {BACKEND_ERROR}
     assert rejects.detail[0] == "RuntimeError: CUDA out of memory"
+
+
+class _CountingDescriber(TemplateDescriber):
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def describe(self, requests):
+        self.seen += [r.pair.pair_id for r in requests]
+        return super().describe(requests)
+
+
+def test_pairs_whose_captions_differ_too_much_are_rejected_before_the_model():
+    unrelated = "two green squares at the bottom over a grey background"
+    assert caption_changes(NIGHT_QUERY, NIGHT_TARGET) == 1
+    assert caption_changes(NIGHT_QUERY, unrelated) > 2
+    pairs = [
+        PairInput("close", b"", b"", NIGHT_QUERY, NIGHT_TARGET),
+        PairInput("far", b"", b"", NIGHT_QUERY, unrelated),
+    ]
+    describer = _CountingDescriber()
+    rows, rejects = generate_descriptions(pairs, describer, seed=0, max_caption_changes=2)
+    assert list(rows.pair_id) == ["close"] and describer.seen == ["close"]
+    assert list(rejects.pair_id) == ["far"] and list(rejects.reason) == [TOO_DIFFERENT]
+    assert rejects.detail[0].endswith("(max 2)")
+    kept, none_rejected = generate_descriptions(pairs, TemplateDescriber(), seed=0)
+    assert list(kept.pair_id) == ["close", "far"] and none_rejected.empty

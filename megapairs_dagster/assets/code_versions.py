@@ -31,7 +31,10 @@ _GENERATION_SHARED = (
 )
 DESCRIBE = tuple(
     f"generation.{name}"
-    for name in (*_GENERATION_SHARED, "description_model", "word_budget_min", "word_budget_max")
+    for name in (
+        *_GENERATION_SHARED, "description_model", "word_budget_min", "word_budget_max",
+        "max_caption_changes",
+    )
 )
 INSTRUCT = tuple(
     f"generation.{name}" for name in (*_GENERATION_SHARED, "instruction_model", "min_instructions")

@@ -173,6 +173,7 @@ def pair_descriptions(
         "seed": generation.seed,
         "word_budget": [generation.word_budget_min, generation.word_budget_max],
         "max_attempts": generation.max_attempts,
+        "max_caption_changes": generation.max_caption_changes,
     }
     digest = config_hash(config)
 
@@ -181,6 +182,7 @@ def pair_descriptions(
             chunk, describer, seed=generation.seed,
             word_budget_range=(generation.word_budget_min, generation.word_budget_max),
             max_attempts=generation.max_attempts, batch_size=generation.batch_size,
+            max_caption_changes=generation.max_caption_changes,
         )
 
     rows_by_shard, rejects_by_shard = {}, {}

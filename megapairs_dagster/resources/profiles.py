@@ -55,8 +55,11 @@ def resources_for(profile: str | None = None, home: str | None = None) -> dict:
             bootstrap_max_seconds=float(os.environ.get("MEGAPAIRS_BOOTSTRAP_SECONDS", "240")),
         )
         mining = Mining(windows=DEMO_WINDOWS)
-        generation = Generation(backend="template")
-        training = Training(max_steps=300, learning_rate=3e-5, caption_loss_weight=4.0)
+        # Demo instructions state at most two changes; see docs/demo.md for the measured effect.
+        generation = Generation(backend="template", max_caption_changes=2)
+        training = Training(
+            max_steps=300, learning_rate=3e-5, caption_loss_weight=4.0, cache_images=20_000
+        )
     else:
         store = ArtifactStore(url=EnvVar("MEGAPAIRS_STORE_URL"))
         corpus = CorpusSource(url=EnvVar("MEGAPAIRS_CORPUS_URL"))

@@ -120,6 +120,11 @@ class Generation(ConfigurableResource):
     word_budget_min: int = 60
     word_budget_max: int = 100
     min_instructions: int = 3
+    max_caption_changes: int | None = Field(
+        default=None,
+        description="Reject a pair (reason too_different) whose captions differ in more "
+        "clauses than this, before any model runs; None keeps every pair.",
+    )
     max_attempts: int = Field(default=2, description="Tries per pair, each with a new seed.")
     max_new_tokens: int = 256
     temperature: float = 0.7
@@ -193,3 +198,8 @@ class Training(ConfigurableResource):
         default=1.0, description="Weight of an image–caption term kept beside the triplets."
     )
     seed: int = 0
+    cache_images: int = unversioned(
+        0,
+        description="Preprocessed images kept in memory per data process (0: decode every "
+        "time). Worth it when the corpus fits: a triplet sample decodes 5 images.",
+    )

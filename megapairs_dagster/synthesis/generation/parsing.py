@@ -18,6 +18,7 @@ TOO_LONG = "too_long"
 TOO_SHORT = "too_short"
 REPEATS_CAPTION = "repeats_caption"
 BACKEND_ERROR = "backend_error"
+TOO_DIFFERENT = "too_different"  # captions differ in more than one instruction can state
 REJECT_REASONS = (
     EMPTY_OUTPUT,
     NOT_A_LIST,
@@ -27,6 +28,7 @@ REJECT_REASONS = (
     TOO_SHORT,
     REPEATS_CAPTION,
     BACKEND_ERROR,
+    TOO_DIFFERENT,
 )
 CAPTION_OVERLAP = 0.9  # token Jaccard overlap from which a text counts as a caption copy
 MIN_DESCRIPTION_WORDS = 10

@@ -21,8 +21,9 @@ from .base import (
     InstructionRequest,
     PairInput,
 )
-from .parsing import BACKEND_ERROR, parse_instructions, validate_description
+from .parsing import BACKEND_ERROR, TOO_DIFFERENT, parse_instructions, validate_description
 from .prompts import sample_demonstrations
+from .template import caption_changes
 
 DESCRIPTION_COLUMNS = ["pair_id", "description", "word_budget", "attempts"]
 INSTRUCTION_COLUMNS = ["pair_id", "instructions", "attempts"]
@@ -125,9 +126,24 @@ def generate_descriptions(
     word_budget_range: tuple[int, int] = (60, 100),
     max_attempts: int = 2,
     batch_size: int = 32,
+    max_caption_changes: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Descriptions ``(pair_id, description, word_budget, attempts)`` and rejects."""
+    """Descriptions ``(pair_id, description, word_budget, attempts)`` and rejects.
+
+    With ``max_caption_changes``, a pair whose captions differ in more clauses is rejected
+    as ``too_different`` before any model sees it: instructions state one or two changes,
+    so for such a pair they would name a fraction of what differs and mislabel the target.
+    """
     budgets = {p.pair_id: sample_word_budget(seed, p.pair_id, word_budget_range) for p in pairs}
+    too_different = {}
+    if max_caption_changes is not None:
+        for pair in pairs:
+            changes = caption_changes(pair.query_caption, pair.target_caption)
+            if changes > max_caption_changes:
+                too_different[pair.pair_id] = _reject(
+                    pair.pair_id, "description", TOO_DIFFERENT,
+                    f"captions differ in {changes} clauses (max {max_caption_changes})", "",
+                )
 
     def build(pair: PairInput, attempt: int) -> DescriptionRequest:
         request_seed = derive_seed(seed, pair.pair_id, "describe", attempt)
@@ -142,7 +158,7 @@ def generate_descriptions(
         return text, reason, f"{len(text.split())} words for a budget of {budget}"
 
     accepted, rejects = _run_stage(
-        [(p.pair_id, p) for p in pairs],
+        [(p.pair_id, p) for p in pairs if p.pair_id not in too_different],
         build,
         backend.describe,
         check,
@@ -150,6 +166,7 @@ def generate_descriptions(
         max_attempts=max_attempts,
         batch_size=batch_size,
     )
+    rejects.update(too_different)
     return _tables(
         [p.pair_id for p in pairs],
         accepted,

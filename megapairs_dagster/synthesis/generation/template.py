@@ -344,6 +344,11 @@ def compare_captions(query_caption: str, target_caption: str) -> CaptionComparis
     return CaptionComparison(tuple(shared), tuple(changes))
 
 
+def caption_changes(query_caption: str, target_caption: str) -> int:
+    """How many clause-level differences the two captions show (strong or weak)."""
+    return len(compare_captions(query_caption, target_caption).changes)
+
+
 def key_changes(comparison: CaptionComparison, limit: int = 2) -> tuple[Change, ...]:
     """The strongest change, plus up to ``limit - 1`` more only if they are also strong."""
     first, rest = comparison.changes[:1], comparison.changes[1:limit]
