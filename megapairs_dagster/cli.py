@@ -37,10 +37,16 @@ def _demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("MEGAPAIRS_PROFILE", "demo")
     from dagster import DagsterInstance
 
+    from megapairs_dagster.assets.training import DEMO_SEEDS
     from megapairs_dagster.definitions import defs
     from megapairs_dagster.demo import write_demo_shard
-    from megapairs_dagster.jobs.pipeline import materialize_pipeline
-    from megapairs_dagster.jobs.summary import format_scores, format_summary, pipeline_summary
+    from megapairs_dagster.jobs.pipeline import DEMO_TRAINING_RUNS, materialize_pipeline
+    from megapairs_dagster.jobs.summary import (
+        format_scores,
+        format_summary,
+        pipeline_summary,
+        training_reports,
+    )
     from megapairs_dagster.resources.profiles import resources_for
     from megapairs_dagster.synthesis.readers import discover_shards
     from megapairs_dagster.synthesis.triplet_store import TripletStore
@@ -62,7 +68,10 @@ def _demo(args: argparse.Namespace) -> None:
     summary["triplets"] = database.counts()
     summary["export"] = resources["store"].client().url("megapairs_export")
     print("\n" + format_summary(summary))
-    print("\n" + format_scores(database.scores_frame()))
+    training = training_reports(resources["store"].client(), DEMO_TRAINING_RUNS)
+    print("\n" + format_scores(
+        database.scores_frame(), seeds=DEMO_SEEDS, control="demo_captions", training=training
+    ))
     print(f"\ndemo pipeline finished in {time.perf_counter() - started:.0f}s")
 
 

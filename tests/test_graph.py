@@ -12,6 +12,7 @@ from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.jobs.pipeline import materialize_pipeline
 from megapairs_dagster.jobs.sensors import shard_sensor
+from megapairs_dagster.jobs.summary import format_scores
 from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.synthesis.diagnostics import caption_overlap
 from megapairs_dagster.synthesis.megapairs_format import read_megapairs
@@ -165,18 +166,32 @@ def test_export_is_readable_in_the_released_format(two_shard_run):
 
 def test_training_and_scoring_record_checkpoint_and_duckdb_rows(two_shard_run):
     _, resources, _, done = two_shard_run
-    assert done["mmret_clip"] == ["demo"]
-    assert done["benchmark_scores"] == ["demo_cir|base_encoder", "demo_cir|demo"]
+    assert done["mmret_clip"] == ["demo", "demo_seed1", "demo_seed2", "demo_captions"]
+    assert done["benchmark_scores"] == [
+        f"demo_cir|{run}" for run in ("base_encoder", *done["mmret_clip"])
+    ]
     store = resources["store"].client()
     record = load_artifact(store, artifact_relpath(["mmret_clip"], "demo"))
     assert record["training"]["max_steps"] == 12 and record["data"]["triplets"] > 0
     assert store.exists(record["checkpoint"] + "/model.safetensors")
+    seeds = [load_artifact(store, artifact_relpath(["mmret_clip"], run))["training"]["seed"]
+             for run in ("demo", "demo_seed1", "demo_seed2")]
+    assert seeds == [0, 1, 2]
+    # The control: captions of every ingested image, 5 per triplet sample, same steps.
+    control = load_artifact(store, artifact_relpath(["mmret_clip"], "demo_captions"))
+    assert control["run"]["data"] == "captions"
+    assert control["data"]["captioned_images"] == SMALL_SHARD * len(control["data"]["shards"])
+    assert control["training"]["batch_size"] == 5 * record["training"]["batch_size"]
+    assert control["training"]["max_steps"] == record["training"]["max_steps"]
     scores = TripletStore(resources["triplet_db"].path).scores_frame()
     overall = scores[(scores["query_group"] == "all") & (scores["metric"] == "mAP@5")]
-    assert sorted(overall["model"]) == ["base_encoder", "demo"]
+    assert sorted(overall["model"]) == sorted(["base_encoder", *done["mmret_clip"]])
     assert all(0 <= value <= 100 for value in overall["value"])
     groups = set(scores["query_group"]) - {"all"}
     assert {"background", "colour", "shape"} <= groups
+    table = format_scores(scores, seeds=("demo", "demo_seed1", "demo_seed2"),
+                          control="demo_captions")
+    assert "mean of 3 seeds" in table and "/3 seeds beat base_encoder" in table
 
 
 def test_one_run_can_embed_several_shards_with_the_same_result(two_shard_run):

@@ -18,7 +18,7 @@ from dagster import (
 from PIL import Image
 
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
-from megapairs_dagster.assets.training import model_variants, open_start_model
+from megapairs_dagster.assets.training import TRAINING_RUNS, open_start_model
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.benchmarks.datasets import load_cirr, load_fashioniq
 from megapairs_dagster.benchmarks.evaluate import (
@@ -37,8 +37,8 @@ from megapairs_dagster.retrieval import MMRetCLIP
 BENCHMARKS = ["demo_cir", "circo", "cirr", "fashioniq"]
 # The metric each benchmark's papers lead with: the one shown per query group in the metadata.
 HEADLINE_METRIC = {"demo_cir": "mAP@5", "circo": "mAP@5", "cirr": "R@1", "fashioniq": "R@10"}
-# `base_encoder` scores the untrained base (zero-shot, same fusion); the rest are MMRet variants.
-SCORED_MODELS = ["base_encoder", *model_variants.get_partition_keys()]
+# `base_encoder` scores the untrained base (zero-shot, same fusion); the rest are MMRet runs.
+SCORED_MODELS = ["base_encoder", *TRAINING_RUNS]
 benchmark_by_model = MultiPartitionsDefinition(
     {"benchmark": StaticPartitionsDefinition(BENCHMARKS),
      "model": StaticPartitionsDefinition(SCORED_MODELS)}

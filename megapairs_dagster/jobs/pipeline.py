@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from dagster import AssetKey, DagsterInstance, MultiPartitionKey, materialize
 
 from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.assets.training import DEMO_SEEDS
 from megapairs_dagster.synthesis.views import VIEWS
+
+DEMO_TRAINING_RUNS = (*DEMO_SEEDS, "demo_captions")
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,11 @@ STAGES: tuple[Stage, ...] = (
     Stage(("megapairs_export",), per_shard=False),
     # The benchmark is fixed before any training and never depends on the corpus.
     Stage(("demo_benchmark",), per_shard=False, rebuild_when_shards_change=False),
-    Stage(("mmret_clip",), per_shard=False, keys=("demo",)),
+    # Three seeds of the demo recipe and the equal-compute caption-only control.
+    Stage(("mmret_clip",), per_shard=False, keys=DEMO_TRAINING_RUNS),
     Stage(
-        ("benchmark_scores",), per_shard=False, keys=("demo_cir|base_encoder", "demo_cir|demo")
+        ("benchmark_scores",), per_shard=False,
+        keys=tuple(f"demo_cir|{model}" for model in ("base_encoder", *DEMO_TRAINING_RUNS)),
     ),
 )
 

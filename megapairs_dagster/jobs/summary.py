@@ -1,6 +1,6 @@
 """What the artifact store holds after a run, as numbers a person can read."""
 
-
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -95,21 +95,126 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def format_scores(scores) -> str:
-    """Benchmark rows from DuckDB as a table: one line per (benchmark, model), then per group."""
+# The metrics each benchmark family reports, headline first: CIRCO-format, CIRR, FashionIQ.
+METRIC_FAMILIES = (
+    ("mAP@5", "mAP@10", "mAP@25", "mAP@50"),
+    ("R@1", "R@5", "R@10", "R@50", "R_subset@1"),
+    ("R@10", "R@50", "avg"),
+)
+
+
+def reported_metrics(metrics) -> tuple[str, ...]:
+    """The family of columns a benchmark's overall metrics belong to."""
+    present = set(metrics)
+    return next((f for f in METRIC_FAMILIES if f[0] in present and f[-1] in present), ())
+
+
+def training_reports(store: ArtifactStoreClient, runs: Sequence[str]) -> dict[str, dict]:
+    """The training report (steps, seconds, samples/s, final loss) of each ``mmret_clip`` run
+    that has a record."""
+    reports = {}
+    for run in runs:
+        try:
+            record = load_artifact(store, artifact_relpath(["mmret_clip"], run))
+        except FileNotFoundError:
+            continue
+        reports[run] = record["report"]
+    return reports
+
+
+def compare_runs(
+    scores, baseline: str, seeds: Sequence[str], control: str | None, metric: str = "mAP@5"
+) -> dict:
+    """How the seeds of one recipe stand against the baseline and the control, per query
+    group: ``{group: {"baseline", "control", "seeds": [...], "mean", "beats_baseline",
+    "beats_control"}}`` (counts of seeds strictly above)."""
+    rows = scores[scores["metric"] == metric]
+    value = rows.set_index(["model", "query_group"])["value"]
+    comparison = {}
+    for group in ["all", *sorted(set(rows["query_group"]) - {"all"})]:
+        base = value.get((baseline, group))
+        runs = [value.get((seed, group)) for seed in seeds]
+        if base is None or any(run is None for run in runs):
+            continue
+        against = value.get((control, group)) if control else None
+        comparison[group] = {
+            "baseline": base,
+            "control": against,
+            "seeds": runs,
+            "mean": sum(runs) / len(runs),
+            "beats_baseline": sum(run > base for run in runs),
+            "beats_control": None if against is None else sum(run > against for run in runs),
+        }
+    return comparison
+
+
+def format_scores(
+    scores,
+    *,
+    baseline: str = "base_encoder",
+    seeds: Sequence[str] = (),
+    control: str | None = None,
+    training: dict[str, dict] | None = None,
+) -> str:
+    """Benchmark rows from DuckDB as one table per benchmark: a line per model with the
+    overall metrics and mAP@5 per query group; then, when ``seeds`` are given, their mean
+    and how many of them beat the baseline and the control."""
     if scores.empty:
         return "no benchmark scores"
+    training = training or {}
     lines = []
-    metrics = ["mAP@5", "mAP@10", "mAP@25", "mAP@50"]
-    for (benchmark, model), rows in scores.groupby(["benchmark", "model"], sort=True):
-        overall = rows[rows["query_group"] == "all"].set_index("metric")["value"]
+    for benchmark, rows in scores.groupby("benchmark", sort=True):
+        groups = sorted(set(rows["query_group"]) - {"all"})
+        columns = reported_metrics(rows.loc[rows["query_group"] == "all", "metric"])
+        headline = columns[0] if columns else "mAP@5"
+        cells = rows.set_index(["model", "query_group", "metric"])["value"].to_dict()
         lines.append(
-            f"{benchmark} {model:<13}" + "".join(f"{m} {overall.get(m, float('nan')):5.1f}  " for m in metrics)
+            f"{benchmark:<16}{'train s':>8}{'samples/s':>10}" + "".join(f"{m:>11}" for m in columns)
+            + (f"   {headline} by group:" + "".join(f"{g[:10]:>11}" for g in groups) if groups else "")
         )
-        groups = rows[(rows["query_group"] != "all") & (rows["metric"] == "mAP@5")]
-        if len(groups):
-            lines.append(
-                "    mAP@5 by edit: "
-                + ", ".join(f"{g} {v:.1f}" for g, v in zip(groups["query_group"], groups["value"]))
-            )
+        models = set(rows["model"])
+        has_seeds = bool(seeds) and set(seeds) <= models
+        table = {}
+        for model in sorted(models, key=lambda m: (m != baseline, m == control, m not in seeds, m)):
+            table[model] = {(g, m): v for (name, g, m), v in cells.items() if name == model}
+            if has_seeds and model == seeds[-1]:
+                table[f"mean of {len(seeds)} seeds"] = {
+                    key: sum(table[seed].get(key, math.nan) for seed in seeds) / len(seeds)
+                    for key in table[seeds[0]]
+                }
+        for label, values in table.items():
+            lines.append(_score_row(label, values, training.get(label), columns, headline, groups))
+        if has_seeds and baseline in models:
+            comparison = compare_runs(rows, baseline, seeds, control, metric=headline)
+            lines.append(_verdict(comparison, baseline, control, headline))
     return "\n".join(lines)
+
+
+def _score_row(
+    label: str, values: dict, training: dict | None, columns: Sequence[str],
+    headline: str, groups: list[str],
+) -> str:
+    text = f"{label:<16}" + (
+        f"{training['seconds']:>8.0f}{training['samples_per_s']:>10.0f}" if training else " " * 18
+    )
+    text += "".join(f"{values.get(('all', m), math.nan):>11.1f}" for m in columns)
+    if groups:
+        text += " " * (len(headline) + 13) + "".join(
+            f"{values.get((g, headline), math.nan):>11.1f}" for g in groups
+        )
+    return text
+
+
+def _verdict(comparison: dict, baseline: str, control: str | None, metric: str) -> str:
+    """One line: how many seeds beat the baseline (and the control), overall and per group."""
+    overall = comparison["all"]
+    seeds = len(overall["seeds"])
+    text = f"{metric}: {overall['beats_baseline']}/{seeds} seeds beat {baseline}"
+    if overall["beats_control"] is not None:
+        text += f", {overall['beats_control']}/{seeds} beat {control} (equal compute)"
+    above = [g for g, c in comparison.items() if g != "all" and c["beats_baseline"] == seeds]
+    below = [g for g, c in comparison.items() if g != "all" and c["beats_baseline"] == 0]
+    return (
+        text + f"; all seeds above {baseline} on: {', '.join(above) or 'none'}"
+        f"; all below on: {', '.join(below) or 'none'}"
+    )
