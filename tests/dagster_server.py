@@ -52,8 +52,10 @@ class DagsterServer:
     def add_shard(self, index: int) -> None:
         write_demo_shard(self.corpus, index, IMAGES_PER_SHARD, seed=0)
 
-    def start(self, timeout: float = 120) -> None:
-        env = {
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the server runs in; CLI commands against it need the same."""
+        return {
             **os.environ,
             "DAGSTER_HOME": str(self.dagster_home),
             "MEGAPAIRS_HOME": str(self.megapairs_home),
@@ -63,10 +65,12 @@ class DagsterServer:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
+
+    def start(self, timeout: float = 120) -> None:
         log = open(self.log_path, "wb")  # noqa: SIM115 (closed by the child's exit)
         self.process = subprocess.Popen(
             [str(DAGSTER), "dev", "-h", "127.0.0.1", "-p", str(self.port), "-w", "workspace.yaml"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
             # a child of a non-interactive shell may inherit "ignore SIGINT"; dagster dev maps
             # SIGTERM to its SIGINT handler, so restore the default or it cannot be stopped

@@ -36,8 +36,14 @@ def test_recall_check_is_attached_to_every_index():
 
 
 def test_jobs_sensor_and_both_profiles_resolve():
-    assert {"ingest_and_embed", "indexes", "neighbors"} <= {
-        job.name for job in defs.resolve_all_job_defs()
+    jobs = {job.name: job for job in defs.resolve_all_job_defs()}
+    assert {"ingest_and_embed", "indexes", "neighbors", "synthesis", "training",
+            "evaluation"} <= set(jobs)
+    assert "demo_seed1" in jobs["training"].partitions_def.get_partition_keys()
+    assert "cirr|demo_captions" in jobs["evaluation"].partitions_def.get_partition_keys()
+    assert {key.to_user_string() for key in jobs["synthesis"].asset_layer.selected_asset_keys} == {
+        "image_pairs", "pair_descriptions", "description_rejects", "instructions",
+        "instruction_rejects", "triplets",
     }
     assert defs.resolve_sensor_def("shard_sensor") is not None
     for profile in PROFILES:
