@@ -37,6 +37,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_knn.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf data .dagster_home
