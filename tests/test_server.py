@@ -1,6 +1,7 @@
 """`dagster dev` on loopback: the shard sensor + declarative automation carry a new shard through
-its own partitions only, a partition backfill launched over GraphQL completes, and a run
-queued with the README's `dagster job launch` command is started by the daemon.
+its own partitions only, a partition backfill launched over GraphQL completes, a run queued
+with the README's `dagster job launch` command is started by the daemon, and the README's
+`dagster asset materialize --partition` recomputes one shard of one asset.
 
 Every run goes out of process (one subprocess per run), so this takes a few minutes.
 """
@@ -150,6 +151,21 @@ def test_dagster_job_launch_as_the_readme_shows(server):
     print(f"\ndagster job launch -j ingest_and_embed: done after {seconds:.0f}s")
     after = _counts(server, INGEST_AND_EMBED)
     assert all(after[name]["00001"] == before[name]["00001"] for name in INGEST_AND_EMBED)
+
+
+def test_dagster_asset_materialize_one_partition_as_the_readme_shows(server):
+    if "00000" not in server.materializations("image_pairs"):
+        pytest.skip("needs the shard materialised by the automation test")
+    before = server.materializations("image_pairs")
+    command = [str(DAGSTER), "asset", "materialize", "-m", "megapairs_dagster.definitions",
+               "--select", "image_pairs", "--partition", "00000"]
+    started = time.monotonic()
+    done = subprocess.run(command, check=False, cwd=REPO, env=server.env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    print(f"\ndagster asset materialize image_pairs[00000]: {time.monotonic() - started:.0f}s")
+    after = server.materializations("image_pairs")
+    assert after["00000"] == before["00000"] + 1 and after["00001"] == before["00001"]
 
 
 def test_nightly_schedule_picks_missing_and_stale_shards():
