@@ -283,8 +283,10 @@ def train_mmret(
     for name, parameter in model.clip.named_parameters():
         parameter.requires_grad_(name not in FROZEN_PARAMETERS)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # foreach: one kernel per step for all tensors. PyTorch picks it by default only on CUDA;
+    # on the CPU it makes this optimizer step 2.4x faster (benchmarks/bench_train.py).
     optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        trainable, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _linear_schedule(config.warmup_steps, config.max_steps)
