@@ -71,7 +71,7 @@ def report(label: str, samples: list[tuple[float, float]]) -> None:
 
 def main() -> None:
     from megapairs_dagster.definitions import defs
-    from megapairs_dagster.jobs.pipeline import materialize_pipeline
+    from megapairs_dagster.jobs.pipeline import STAGES, materialize_pipeline
 
     assets = list(defs.assets)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +86,9 @@ def main() -> None:
         resources["compute"] = Compute(num_workers=0, batch_size=32, cache_dir=str(home / "cache"))
         instance = DagsterInstance.from_config(str(dagster_home))
         print("preparing shard 00000 through image_pairs (untimed)...", flush=True)
-        materialize_pipeline(assets, resources, instance, ["00000"], log=lambda _: None)
+        through_pairs = STAGES[: [s.assets for s in STAGES].index(("image_pairs",)) + 1]
+        materialize_pipeline(assets, resources, instance, ["00000"], stages=through_pairs,
+                             log=lambda _: None)
         instance.add_dynamic_partitions("shards", ["00001"])
 
         ingest = [in_process(assets, resources, instance, ["corpus_images", "corpus_rejects"],
