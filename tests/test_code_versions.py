@@ -141,14 +141,17 @@ def test_a_changed_setting_shows_the_materialised_asset_stale_in_dagster(tmp_pat
             for name in ingest
         }
 
+    def ingest_shard(definitions, with_resources) -> bool:
+        return materialize(
+            list(definitions.assets),
+            selection=ingest,
+            partition_key="00000",
+            resources=with_resources,
+            instance=instance,
+        ).success
+
     old = build_definitions(resources)
-    assert materialize(
-        list(old.assets),
-        selection=ingest,
-        partition_key="00000",
-        resources=resources,
-        instance=instance,
-    ).success
+    assert ingest_shard(old, resources)
     assert status(old) == {name: (StaleStatus.FRESH, []) for name in ingest}
 
     moved = _with(resources, "compute", device="cuda", batch_size=8)
@@ -159,11 +162,5 @@ def test_a_changed_setting_shows_the_materialised_asset_stale_in_dagster(tmp_pat
     stale = (StaleStatus.STALE, [(StaleCauseCategory.CODE, "has a new code version")])
     assert status(new) == {name: stale for name in ingest}
 
-    assert materialize(
-        list(new.assets),
-        selection=ingest,
-        partition_key="00000",
-        resources=smaller,
-        instance=instance,
-    ).success
+    assert ingest_shard(new, smaller)
     assert status(new) == {name: (StaleStatus.FRESH, []) for name in ingest}

@@ -126,7 +126,7 @@ def compare_runs(
     scores, baseline: str, seeds: Sequence[str], control: str | None, metric: str = "mAP@5"
 ) -> dict:
     """How the seeds of one recipe stand against the baseline and the control, per query
-    group: ``{group: {"baseline", "control", "seeds": [...], "mean", "beats_baseline",
+    group: ``{group: {"baseline", "control", "seeds": [...], "beats_baseline",
     "beats_control"}}`` (counts of seeds strictly above)."""
     rows = scores[scores["metric"] == metric]
     value = rows.set_index(["model", "query_group"])["value"]
@@ -141,7 +141,6 @@ def compare_runs(
             "baseline": base,
             "control": against,
             "seeds": runs,
-            "mean": sum(runs) / len(runs),
             "beats_baseline": sum(run > base for run in runs),
             "beats_control": None if against is None else sum(run > against for run in runs),
         }
@@ -156,9 +155,10 @@ def format_scores(
     control: str | None = None,
     training: dict[str, dict] | None = None,
 ) -> str:
-    """Benchmark rows from DuckDB as one table per benchmark: a line per model with the
-    overall metrics and mAP@5 per query group; then, when ``seeds`` are given, their mean
-    and how many of them beat the baseline and the control."""
+    """Benchmark rows from DuckDB as one table per benchmark: a line per model with its
+    training time and speed (from ``training``), the benchmark's overall metrics and its
+    headline metric per query group; then, when ``seeds`` are given, their mean and how many
+    of them beat the baseline and the control."""
     if scores.empty:
         return "no benchmark scores"
     training = training or {}

@@ -66,7 +66,7 @@ class ImagePixels:
     """Preprocessed pixels by image key, keeping the last ``cache_images`` in memory.
 
     A triplet step decodes ~5 images per sample, and a small corpus reuses each image many
-    times per epoch: decoding again is most of a CPU step (benchmarks/bench_train.py).
+    times per epoch: decoding again was a third of a demo CPU step (benchmarks/bench_train.py).
     Each DataLoader worker holds its own cache; 0 turns caching off.
     """
 
@@ -106,6 +106,8 @@ class CaptionSet(torch.utils.data.Dataset):
     tokens; the trainer then optimises only the image-caption term.
     """
 
+    has_captions = True
+
     def __init__(
         self,
         captions: Mapping[Hashable, str],
@@ -122,8 +124,6 @@ class CaptionSet(torch.utils.data.Dataset):
         self.captions = dict(captions)
         self.pixels = ImagePixels(load_image, preprocess, cache_images)
         self.tokenizer = tokenizer
-
-    has_captions = True
 
     @classmethod
     def from_image_bytes(
