@@ -112,7 +112,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = MMRetCLIP.from_pretrained(args.model, device=device)
+    model = MMRetCLIP.from_open_clip(args.model, None, device=device)
     examples, loader = synthetic_pairs(
         args.batch_size * args.steps, 4 * args.batch_size, args.image_size, seed=0
     )

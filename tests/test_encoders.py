@@ -69,10 +69,12 @@ def test_unknown_tag_is_a_clear_error():
         load_clip(DEMO_CLIP, "no-such-tag")
 
 
-def test_missing_dino_fails_naming_the_model(monkeypatch):
+def test_missing_dino_fails_naming_the_model(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="facebook/dinov2-no-such-model"):
+    with pytest.raises(FileNotFoundError, match="facebook/dinov2-no-such-model"):
         load_dino("facebook/dinov2-no-such-model")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/absent' does not exist"):
+        load_dino(str(tmp_path / "absent"))
 
 
 def test_dino_round_trip_and_identity(dino_dir):
@@ -130,5 +132,5 @@ def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(RuntimeError, match="device is 'cuda:0' but this process sees no CUDA"):
             resolve_device("cuda:0")

@@ -18,6 +18,12 @@ from transformers import (
     AutoTokenizer,
 )
 
+from megapairs_dagster.synthesis.encoders import ModelMismatchError, RecordedFiles
+from megapairs_dagster.synthesis.generation.backends import (
+    BackendSettings,
+    make_describer,
+    make_instructor,
+)
 from megapairs_dagster.synthesis.generation.base import (
     DescriptionRequest,
     InstructionRequest,
@@ -150,6 +156,50 @@ def test_missing_model_fails_fast_naming_it(missing):
     with pytest.raises(FileNotFoundError, match=missing):
         TransformersDescriber(missing, render_prompt=description_prompt)
     assert time.monotonic() - start < 5
+
+
+def test_single_weights_file_asks_for_a_save_pretrained_directory(llm_dir):
+    weights = str(llm_dir / "model.safetensors")
+    for backend in (TransformersInstructor, TransformersDescriber):
+        with pytest.raises(NotADirectoryError, match=f"{weights}.*written by save_pretrained"):
+            backend(weights, render_prompt=instruction_prompt)
+
+
+def test_cuda_device_without_cuda_fails_naming_the_setting_before_loading(
+    llm_dir, llava_dir, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_loading(self, model_path):
+        raise AssertionError("a model was loaded before the device was checked")
+
+    monkeypatch.setattr(TransformersInstructor, "_load", no_loading)
+    monkeypatch.setattr(TransformersDescriber, "_load", no_loading)
+    message = (r"generation.device is 'cuda' but this process sees no CUDA device; "
+               r"set generation.device to cpu or auto")
+    with pytest.raises(RuntimeError, match=message):
+        instructor(llm_dir, device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        describer(llava_dir, device="cuda")
+    settings = BackendSettings(backend="transformers", description_model=str(llava_dir),
+                               instruction_model=str(llm_dir), device="cuda")
+    for make in (make_describer, make_instructor):
+        with pytest.raises(RuntimeError, match=message):
+            make(settings)
+
+
+def test_recorded_file_hashes_are_checked(llm_dir, tmp_path):
+    recorded = instructor(llm_dir).identity["file_sha256"]
+    same = instructor(llm_dir, expected_files=RecordedFiles(recorded, "instructions"))
+    assert same.identity["file_sha256"] == recorded
+
+    changed = save_tiny_llm(tmp_path)  # same files; chat template edited below
+    (changed / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(ModelMismatchError) as caught:
+        instructor(changed, expected_files=RecordedFiles(recorded, "instructions"))
+    message = str(caught.value)
+    assert str(changed / "chat_template.jinja") in message
+    assert recorded["chat_template.jinja"] in message and "rematerialise instructions" in message
 
 
 # --- sampler ----------------------------------------------------------------------------

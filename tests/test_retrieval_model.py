@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from synthetic_shapes import shape_image
 
-from megapairs_dagster.retrieval import MMRetCLIP, composed_infonce, image_caption_infonce
+from megapairs_dagster.retrieval import (
+    VARIANTS,
+    MMRetCLIP,
+    composed_infonce,
+    image_caption_infonce,
+)
 from megapairs_dagster.synthesis.encoders import load_clip
 
 # A CLIP small enough that a training step takes milliseconds on a CPU. open_clip rescans
@@ -36,7 +41,7 @@ open_clip.add_model_config(_TINY_CLIP_DIR)
 
 def tiny_model(seed: int = 0) -> MMRetCLIP:
     torch.manual_seed(seed)
-    return MMRetCLIP.from_pretrained(TINY_CLIP)
+    return MMRetCLIP.from_open_clip(TINY_CLIP, None)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +117,10 @@ def test_save_and_from_pretrained_round_trip(model, tmp_path):
 
 def test_unobtainable_pretrained_weights_fail_clearly():
     with pytest.raises(RuntimeError, match="ViT-B-16.*openai"):
-        MMRetCLIP.from_pretrained("base")
-    with pytest.raises(ValueError, match="neither a saved MMRet directory"):
+        MMRetCLIP.from_open_clip(*VARIANTS["base"])
+    with pytest.raises(ValueError, match="'no-such-model' is neither an open_clip model name"):
+        MMRetCLIP.from_open_clip("no-such-model", None)
+    with pytest.raises(FileNotFoundError, match="no-such-model is not a directory"):
         MMRetCLIP.from_pretrained("no-such-model")
 
 

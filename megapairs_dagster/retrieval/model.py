@@ -2,14 +2,15 @@
 
 MegaPairs fuses a composed query by summing the projected image embedding and the projected
 text embedding and L2-normalising the sum; a candidate image is its normalised image
-embedding. The checkpoint directory is an open_clip ``local-dir`` (so ``load_clip`` and
+embedding. A model starts from an open_clip (model name, pretrained) pair
+(``from_open_clip``, read like the view encoders' CLIP) or from a checkpoint directory
+(``from_pretrained``): an open_clip ``local-dir`` (so ``load_clip`` and
 ``open_clip.create_model('local-dir:…')`` also open it) whose config carries an ``mmret``
 section.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -23,9 +24,17 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from megapairs_dagster.synthesis.encoders import CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE
+from megapairs_dagster.synthesis.encoders import (
+    CLIP_CONFIG_FILE,
+    CLIP_WEIGHTS_FILE,
+    LoadedClip,
+    RecordedFiles,
+    load_open_clip,
+    resolve_device,
+)
 
-# The paper's MMRet-CLIP variants: (open_clip model name, pretrained tag).
+# The paper's MMRet-CLIP starting points, as (open_clip model name, pretrained tag) for
+# ``MMRetCLIP.from_open_clip(*VARIANTS["base"])``; the weights come through the hub cache.
 VARIANTS = {"base": ("ViT-B-16", "openai"), "large": ("ViT-L-14", "openai")}
 FUSION = "sum"
 DEFAULT_TEMPERATURE = 0.02
@@ -156,66 +165,55 @@ class MMRetCLIP(torch.nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(
+    def from_open_clip(
         cls,
-        dir_or_base: str | Path,
-        pretrained: str | None = None,
+        model_name: str,
+        pretrained: str | None,
         *,
+        cache_dir: str | None = None,
         device: str | torch.device = "cpu",
+        expected_files: RecordedFiles | None = None,
     ) -> MMRetCLIP:
-        """Load a ``save_pretrained`` directory, or start from an open_clip model.
+        """Start from an open_clip model, read exactly as the view encoders read theirs.
 
-        ``dir_or_base`` is a directory, a variant name (``base`` = ViT-B-16, ``large`` =
-        ViT-L-14, both from OpenAI's weights) or an open_clip model name; ``pretrained`` is
-        then an open_clip tag or a weights file (None: random weights, for tests and demos).
+        ``model_name``: an open_clip name, a directory or ``local-dir:<dir>`` (open_clip's hub
+        layout or a saved checkpoint), or ``hf-hub:<org/repo>``; ``pretrained``: a tag, a
+        weights file, a directory, or None (random weights unless the directory has some).
+        See ``resolve_clip_source``. The files loaded are hashed into ``mmret["base_files"]``
+        and, with ``expected_files``, must match those hashes.
         """
-        path = Path(dir_or_base)
-        if path.is_dir():
-            config = json.loads((path / CLIP_CONFIG_FILE).read_text())
-            clip, _, preprocess = open_clip.create_model_and_transforms(
-                f"local-dir:{path}", device=device, weights_only=True
+        loaded = load_open_clip(
+            model_name, pretrained, device=resolve_device(device), cache_dir=cache_dir,
+            expected_files=expected_files,
+        )
+        base = {"base_model": model_name, "base_pretrained": pretrained, "base_files": loaded.files}
+        return cls._from_loaded(loaded, model_name, base)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> MMRetCLIP:
+        """Open a ``save_pretrained`` checkpoint, or an open_clip hub-layout directory.
+
+        An open_clip model name or tag is not a checkpoint: ``from_open_clip`` starts from one.
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"{path} is not a directory; MMRetCLIP.from_pretrained opens a directory written "
+                f"by save_pretrained or an open_clip hub-layout directory (start from an open_clip "
+                f"name or tag with MMRetCLIP.from_open_clip(model_name, pretrained))"
             )
-            return cls(
-                clip,
-                model_name=config["model_name"],
-                model_cfg=config["model_cfg"],
-                preprocess=preprocess,
-                tokenizer=open_clip.get_tokenizer(f"local-dir:{path}"),
-                mmret=config.get("mmret"),
-            )
-        model_name = str(dir_or_base)
-        if model_name in VARIANTS:
-            model_name, default_tag = VARIANTS[model_name]
-            pretrained = default_tag if pretrained is None else pretrained
-        model_cfg = open_clip.get_model_config(model_name)
-        if model_cfg is None:
-            raise ValueError(
-                f"'{dir_or_base}' is neither a saved MMRet directory, a variant "
-                f"{sorted(VARIANTS)}, nor an open_clip model name"
-            )
-        model_cfg = copy.deepcopy(model_cfg)
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
-        # OpenAI's weights were trained with QuickGELU; the saved config must say so too.
-        if tag_cfg.get("quick_gelu"):
-            model_cfg["quick_gelu"] = True
-        try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(
-                model_name,
-                pretrained=pretrained,
-                device=device,
-                force_quick_gelu=bool(model_cfg.get("quick_gelu")),
-                weights_only=True,
-            )
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"cannot load open_clip '{model_name}' with pretrained={pretrained!r} "
-                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {error}"
-            ) from error
+        loaded = load_open_clip(str(directory), str(directory), device=resolve_device(device))
+        config = json.loads(loaded.source.config.read_text())
+        model_name = config.get("model_name", str(directory))  # hub layouts have none
+        return cls._from_loaded(loaded, model_name, config.get("mmret"))
+
+    @classmethod
+    def _from_loaded(cls, loaded: LoadedClip, model_name: str, mmret: dict | None) -> MMRetCLIP:
         return cls(
-            clip,
+            loaded.model,
             model_name=model_name,
-            model_cfg=model_cfg,
-            preprocess=preprocess,
-            tokenizer=open_clip.get_tokenizer(model_name),
-            mmret={"base_model": model_name, "base_pretrained": pretrained},
+            model_cfg=loaded.source.model_cfg,
+            preprocess=loaded.preprocess,
+            tokenizer=loaded.tokenizer,
+            mmret=mmret,
         )

@@ -123,7 +123,7 @@ def _setup_distributed(device_name: str) -> tuple[torch.device, bool]:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU); returns the
     device and whether this call created the group (and so must destroy it)."""
     wants_group = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, setting="compute.device")
     if device.type == "cuda" and wants_group:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

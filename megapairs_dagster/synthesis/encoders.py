@@ -2,17 +2,20 @@
 
 `load_clip` gives the `clip_image` and `clip_caption` views, `load_dino` the `dino_image`
 (visual pattern) view. Every encoder carries an `identity` dict (what was loaded, with file
-hashes) so that embeddings can be traced back to the exact weights that produced them.
+hashes) so that embeddings can be traced back to the exact weights that produced them, and
+a loader given the hashes recorded earlier refuses files that no longer match them.
 Small demo models are configs in `model_configs/` (CLIP) or built by `build_demo_dino`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +31,22 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 CLIP_CONFIG_FILE = "open_clip_config.json"
 CLIP_WEIGHTS_FILE = "model.safetensors"
+# The weights files a CLIP directory may hold, in the order open_clip prefers them when it
+# opens a `local-dir:` (the hub layout's names first; `save_clip` writes CLIP_WEIGHTS_FILE).
+# Only these names are accepted, so the file hashed here is the file open_clip loads.
+CLIP_DIR_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    CLIP_WEIGHTS_FILE,
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,23 +71,76 @@ class TextEncoder(Protocol):
     def encode(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' picks CUDA when present; an explicit CUDA request without CUDA fails loudly."""
-    name = str(name)
-    if name == "auto":
+def resolve_device(name: str | torch.device, *, setting: str = "device") -> torch.device:
+    """'auto' picks CUDA when present; a device this process cannot use fails at once.
+
+    ``setting`` is the configuration key the value came from (e.g. "generation.device"), so
+    the message says what to change instead of torch failing deep inside a model load.
+    """
+    value = str(name)
+    if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{setting} is {value!r}, which is not a device; use auto, cpu, cuda or cuda:N"
+        ) from error
     if device.type == "cuda":
+        fix = f"set {setting} to cpu or auto (in the deployment config)"
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device '{name}' requested but CUDA is not available here")
+            raise RuntimeError(
+                f"{setting} is {value!r} but this process sees no CUDA device; {fix}"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(
-                f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) exist"
+                f"{setting} is {value!r} but this process sees only "
+                f"{torch.cuda.device_count()} CUDA device(s); {fix}"
             )
     return device
 
 
+class ModelMismatchError(ValueError):
+    """A model file differs from the one whose sha256 was recorded when the model was pinned."""
+
+    def __init__(
+        self, model: str, file: str, recorded: str | None, found: str | None, recorded_by: str
+    ):
+        self.model, self.file, self.recorded, self.found = model, file, recorded, found
+        self.recorded_by = recorded_by
+        if found is None:
+            change = f"{file} is missing, but {recorded_by} recorded it with sha256 {recorded}"
+        elif recorded is None:
+            change = f"{file} (sha256 {found}) is not among the files {recorded_by} recorded"
+        else:
+            change = f"{file} has sha256 {found}, but {recorded_by} recorded {recorded}"
+        super().__init__(
+            f"{model}: {change}. The model changed since {recorded_by} pinned it; if the "
+            f"change is intended, rematerialise {recorded_by} (and what depends on it), "
+            f"otherwise restore the recorded files."
+        )
+
+    def __reduce__(self):  # picklable across processes despite the custom signature
+        return type(self), (self.model, self.file, self.recorded, self.found, self.recorded_by)
+
+
+@dataclass(frozen=True)
+class RecordedFiles:
+    """sha256 by file name as recorded when a model was pinned, and who recorded them."""
+
+    sha256: Mapping[str, str]
+    recorded_by: str  # the asset to rematerialise when a change is intended, e.g. base_encoders
+
+
 def sha256_file(path: str | Path) -> str:
+    """The file's sha256, computed once per process per (path, inode, size, mtime)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _sha256_cached(str(resolved), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_cached(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -76,8 +148,21 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _hash_files(paths: list[Path]) -> dict[str, str]:
-    return {path.name: sha256_file(path) for path in sorted(paths)}
+def file_hashes(
+    paths: Iterable[Path], *, model: str = "", expected: RecordedFiles | None = None
+) -> dict[str, str]:
+    """sha256 of each file by file name; with ``expected``, any difference from the recorded
+    hashes (changed, missing or extra file) raises ModelMismatchError naming ``model``."""
+    by_name = {path.name: path for path in sorted(paths)}
+    hashes = {name: sha256_file(path) for name, path in by_name.items()}
+    if expected is not None:
+        unrecorded = sorted(set(hashes) - set(expected.sha256))
+        for name in [*sorted(expected.sha256), *unrecorded]:
+            recorded, found = expected.sha256.get(name), hashes.get(name)
+            if recorded != found:
+                file = str(by_name[name]) if name in by_name else name
+                raise ModelMismatchError(model, file, recorded, found, expected.recorded_by)
+    return hashes
 
 
 @dataclass
@@ -108,32 +193,192 @@ class ClipTextEncoder:
         return self.model.encode_text(tokens.to(self.device, non_blocking=True))
 
 
-def _resolve_clip_weights(model_name: str, pretrained: str) -> tuple[str, str, Path]:
-    """Return (open_clip model name, source kind, weights file) for a dir, file or tag."""
-    path = Path(pretrained)
-    if path.is_dir():
-        if not (path / CLIP_CONFIG_FILE).is_file() or not (path / CLIP_WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(
-                f"{path} is not a save_clip directory ({CLIP_CONFIG_FILE} + {CLIP_WEIGHTS_FILE})"
-            )
-        return f"local-dir:{path}", "dir", path / CLIP_WEIGHTS_FILE
+@dataclass(frozen=True)
+class ClipSource:
+    """Where a CLIP's architecture and weights come from, resolved before anything loads."""
+
+    architecture: str  # what open_clip's factory gets: a model name or 'local-dir:<dir>'
+    model_cfg: dict  # the architecture; quick_gelu is set when the weights need it
+    kind: str  # "random", "tag", "file" or "dir"
+    weights: Path | None = None  # the weights file that is loaded
+    config: Path | None = None  # a directory's open_clip_config.json
+    tag: str | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        """The files that decide the model's output (weights, and a directory's config)."""
+        return [path for path in (self.weights, self.config) if path is not None]
+
+
+def _offline_note() -> str:
+    return f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}"
+
+
+def _directory_source(directory: Path, *, need_weights: bool) -> ClipSource:
+    """An open_clip directory: its config gives the architecture, its weights (if any) load."""
+    config = directory / CLIP_CONFIG_FILE
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not an open_clip directory: it has no {CLIP_CONFIG_FILE}"
+        )
+    settings = json.loads(config.read_text())
+    if "model_cfg" not in settings:
+        raise ValueError(f"{config} has no model_cfg section")
+    weights = next((directory / n for n in CLIP_DIR_WEIGHTS if (directory / n).is_file()), None)
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if weights is None and (need_weights or others):
+        found = f"found {others}" if others else "found none"
+        raise FileNotFoundError(
+            f"{directory} holds no CLIP weights under a name open_clip loads "
+            f"(one of {list(CLIP_DIR_WEIGHTS)}; {found})"
+        )
+    return ClipSource(
+        f"{LOCAL_DIR_PREFIX}{directory}", settings["model_cfg"],
+        "dir" if weights else "random", weights, config,
+    )
+
+
+def _hub_source(repo: str, cache_dir: str | None) -> ClipSource:
+    """``hf-hub:<repo>``: an open_clip directory on the hub, fetched into the local cache."""
+    from huggingface_hub import hf_hub_download
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        hf_hub_download(repo, CLIP_CONFIG_FILE, cache_dir=cache_dir)
+        weights = download_pretrained_from_hf(repo, cache_dir=cache_dir)
+    except Exception as error:
+        raise RuntimeError(
+            f"cannot obtain open_clip model '{HF_HUB_PREFIX}{repo}' ({_offline_note()}; not in "
+            f"the local cache or the hub is unreachable): {error}"
+        ) from error
+    return _directory_source(Path(weights).parent, need_weights=True)
+
+
+def _architecture(model_name: str, cache_dir: str | None) -> ClipSource:
+    """The architecture ``model_name`` names, with a directory's own weights if it has any."""
+    if model_name.startswith(HF_HUB_PREFIX):
+        return _hub_source(model_name.removeprefix(HF_HUB_PREFIX), cache_dir)
+    directory = Path(model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
+    if model_name.startswith(LOCAL_DIR_PREFIX) or directory.is_dir():
+        if not directory.is_dir():
+            raise FileNotFoundError(f"open_clip model directory {directory} does not exist")
+        return _directory_source(directory, need_weights=False)
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise ValueError(
+            f"'{model_name}' is neither an open_clip model name (open_clip.list_models()), "
+            f"a directory or {LOCAL_DIR_PREFIX}<directory> holding {CLIP_CONFIG_FILE}, "
+            f"nor {HF_HUB_PREFIX}<org/repo>"
+        )
+    return ClipSource(model_name, model_cfg, "random")  # open_clip returns a copy
+
+
+def resolve_clip_source(
+    model_name: str, pretrained: str | None, *, cache_dir: str | None = None
+) -> ClipSource:
+    """Resolve an open_clip (model name, pretrained) pair the one way every loader here does.
+
+    ``model_name``: an open_clip model name, a directory (``local-dir:`` optional) whose
+    ``open_clip_config.json`` gives the architecture (open_clip's hub layout, or a directory
+    written by ``save_clip`` / ``MMRetCLIP.save_pretrained``), or ``hf-hub:<org/repo>``.
+    ``pretrained``: an open_clip tag of the model name (fetched through the hub cache), a
+    weights file (.safetensors, .bin, .pt), such a directory (which then also gives the
+    architecture), or None: a directory's own weights if it has any, else random weights.
+    """
+    if pretrained is not None and Path(pretrained).expanduser().is_dir():
+        return _directory_source(Path(pretrained).expanduser(), need_weights=True)
+    base = _architecture(model_name, cache_dir)
+    if pretrained is None:
+        return base
+    path = Path(pretrained).expanduser()
     if path.is_file():
-        return model_name, "file", path
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        return replace(base, kind="file", weights=path)
+    if path.is_absolute() or pretrained.startswith((".", "~")) or path.suffix in _WEIGHT_SUFFIXES:
+        raise FileNotFoundError(f"pretrained weights {pretrained} do not exist")
+    tag_cfg = None if base.config else open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg:
+        tags = [] if base.config else open_clip.list_pretrained_tags_by_model(model_name)
         raise ValueError(
             f"'{pretrained}' is neither a local path nor an open_clip tag of '{model_name}' "
-            f"(known tags: {open_clip.list_pretrained_tags_by_model(model_name)})"
+            f"(known tags: {tags})"
         )
     try:
-        weights = open_clip.download_pretrained(tag_cfg)
+        weights = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
     except Exception as error:
         raise RuntimeError(
             f"cannot obtain weights of open_clip model '{model_name}' tag '{pretrained}' "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}; not in the local cache "
-            f"or the hub is unreachable): {error}"
+            f"({_offline_note()}; not in the local cache or the hub is unreachable): {error}"
         ) from error
-    return model_name, "tag", Path(weights)
+    # OpenAI's weights were trained with QuickGELU; the architecture must say so too.
+    model_cfg = {**base.model_cfg, **({"quick_gelu": True} if tag_cfg.get("quick_gelu") else {})}
+    return ClipSource(model_name, model_cfg, "tag", Path(weights), tag=pretrained)
+
+
+class _RandomWeightsNotice(logging.Filter):
+    """Drops open_clip's (root logger) notices that a model got no weights."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "initialized randomly" not in message and "no CLIP weights found" not in message
+
+
+@dataclass
+class LoadedClip:
+    model: open_clip.CLIP
+    preprocess: Callable[[Image.Image], torch.Tensor]  # open_clip's eval transform
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    source: ClipSource
+    files: dict[str, str]  # sha256 of source.files by file name
+
+
+def load_open_clip(
+    model_name: str,
+    pretrained: str | None,
+    *,
+    device: torch.device,
+    cache_dir: str | None = None,
+    expected_files: RecordedFiles | None = None,
+) -> LoadedClip:
+    """The one way every CLIP here is loaded: resolve the pair (``resolve_clip_source``),
+    hash the files (refusing them if they differ from ``expected_files``), then build.
+
+    open_clip loads a tag, a file named with a model name, and a directory's own weights
+    itself (the same file ``ClipSource.weights`` names); a separate weights file for a
+    directory's architecture is loaded here.
+    """
+    source = resolve_clip_source(model_name, pretrained, cache_dir=cache_dir)
+    files = file_hashes(
+        source.files, model=f"open_clip '{model_name}' (pretrained={pretrained!r})",
+        expected=expected_files,
+    )
+    from_directory = source.architecture.startswith(LOCAL_DIR_PREFIX)
+    separate_file = from_directory and source.kind == "file"
+    factory_pretrained = source.tag or (str(source.weights) if source.kind == "file" else None)
+    # Told not to load weights, open_clip warns that the model is random; here they load next.
+    notice = _RandomWeightsNotice()
+    if separate_file:
+        logging.getLogger().addFilter(notice)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            source.architecture,
+            pretrained=None if from_directory else factory_pretrained,
+            load_weights=not separate_file,
+            device=device,
+            force_quick_gelu=bool(source.model_cfg.get("quick_gelu")),
+            cache_dir=cache_dir,
+            weights_only=True,
+        )
+        if separate_file:
+            open_clip.load_checkpoint(model, str(source.weights), weights_only=True)
+    except (RuntimeError, KeyError, AssertionError) as error:  # open_clip asserts shapes too
+        raise ValueError(
+            f"cannot build open_clip '{source.architecture}' with weights {source.weights}: "
+            f"{error}"
+        ) from error
+    finally:
+        logging.getLogger().removeFilter(notice)
+    tokenizer = open_clip.get_tokenizer(source.architecture, cache_dir=cache_dir)
+    return LoadedClip(model, preprocess, tokenizer, source, files)
 
 
 def load_clip(
@@ -142,38 +387,33 @@ def load_clip(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    cache_dir: str | None = None,
+    expected_files: RecordedFiles | None = None,
 ) -> tuple[ClipImageEncoder, ClipTextEncoder]:
     """Load an open_clip model as (image encoder, caption encoder).
 
-    `pretrained` is an open_clip tag (downloaded through the hub), a local weights file,
-    a directory written by `save_clip`, or None for random weights (shapes only).
+    ``model_name`` and ``pretrained`` are read by ``resolve_clip_source``. With
+    ``expected_files`` the files are checked against those hashes before the model loads.
     """
     torch_device = resolve_device(device)
-    if pretrained is None:
-        source, files, factory_name = "random", {}, model_name
-        factory_pretrained = None
-    else:
-        factory_name, source, weights = _resolve_clip_weights(model_name, pretrained)
-        hashed = [weights] + ([weights.parent / CLIP_CONFIG_FILE] if source == "dir" else [])
-        files = _hash_files(hashed)
-        factory_pretrained = None if source == "dir" else str(pretrained)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        factory_name, pretrained=factory_pretrained, device=torch_device, weights_only=True
+    loaded = load_open_clip(
+        model_name, pretrained, device=torch_device, cache_dir=cache_dir,
+        expected_files=expected_files,
     )
-    model = model.to(dtype=dtype).eval()
-    embed_dim = int(open_clip.get_model_config(factory_name)["embed_dim"])
+    model = loaded.model.to(dtype=dtype).eval()
+    embed_dim = int(loaded.source.model_cfg["embed_dim"])
     base = {
         "kind": "open_clip",
         "model_name": model_name,
         "pretrained": pretrained,
-        "source": source,
-        "files": files,
+        "source": loaded.source.kind,
+        "files": loaded.files,
         "embed_dim": embed_dim,
         "dtype": str(dtype).removeprefix("torch."),
     }
     image = ClipImageEncoder(
         model=model,
-        preprocess=preprocess,
+        preprocess=loaded.preprocess,
         identity={**base, "tower": "image", "image_size": model.visual.image_size},
         embed_dim=embed_dim,
         device=torch_device,
@@ -181,7 +421,7 @@ def load_clip(
     )
     text = ClipTextEncoder(
         model=model,
-        tokenizer=open_clip.get_tokenizer(factory_name),
+        tokenizer=loaded.tokenizer,
         identity={**base, "tower": "text"},
         embed_dim=embed_dim,
         device=torch_device,
@@ -209,7 +449,7 @@ def save_clip(model: open_clip.CLIP, model_name: str, out_dir: str | Path) -> di
         "model_name": model_name,
         "pretrained": str(out),
         "source": "dir",
-        "files": _hash_files([out / CLIP_CONFIG_FILE, out / CLIP_WEIGHTS_FILE]),
+        "files": file_hashes([out / CLIP_CONFIG_FILE, out / CLIP_WEIGHTS_FILE]),
         "embed_dim": int(model_cfg["embed_dim"]),
     }
 
@@ -280,20 +520,29 @@ class DinoImageEncoder:
 DINO_POOLINGS = ("cls", "cls+mean")
 
 
-def _local_hf_dir(name_or_path: str, trust_remote_code: bool) -> tuple[Path, str]:
-    """A local directory holding the model: the path itself, or the hub snapshot."""
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path), "dir"
+def hf_model_dir(name: str, *, what: str, allow_patterns: list[str]) -> tuple[Path, str]:
+    """The local directory of a transformers model given as a directory or a hub id, and
+    which of the two it was ("dir" or "hub"; a hub model is read from the local cache when
+    HF_HUB_OFFLINE=1). Checked before loading so that a wrong name fails at once, naming it.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, "dir"
+    if path.is_file():
+        raise NotADirectoryError(
+            f"{what} {name!r} is a single file, but a transformers model is a directory "
+            f"written by save_pretrained (config.json and weights) or a hub id"
+        )
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise FileNotFoundError(f"{what} directory {name!r} does not exist")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors"] + (["*.py"] if trust_remote_code else [])
     try:
-        return Path(snapshot_download(name_or_path, allow_patterns=patterns)), "hub"
+        return Path(snapshot_download(name, allow_patterns=allow_patterns)), "hub"
     except Exception as error:
-        raise RuntimeError(
-            f"cannot obtain DINOv2 model '{name_or_path}': not a local directory, not in the "
-            f"hub cache, or the hub is unreachable "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {error}"
+        raise FileNotFoundError(
+            f"{what} {name!r} is neither a local directory nor a hub id available here "
+            f"({_offline_note()}; offline, only models in the hub cache load): {error}"
         ) from error
 
 
@@ -307,19 +556,26 @@ def load_dino(
     image_size: int = 224,
     pooling: str = "cls",
     trust_remote_code: bool = False,
+    expected_files: RecordedFiles | None = None,
 ) -> DinoImageEncoder:
     """Load a DINOv2 image encoder (hub id or `save_pretrained` directory).
 
     `pooling="cls"` is DINOv2's global descriptor; "cls+mean" appends the mean patch
     token (what DINOv2's own linear probes use), which keeps more layout information in
-    weak or untrained models. `foreground_only` neutralises the background first.
+    weak or untrained models. `foreground_only` neutralises the background first. With
+    `expected_files` the directory's files are checked against those hashes before loading.
     """
     from transformers import AutoModel
 
     if pooling not in DINO_POOLINGS:
         raise ValueError(f"pooling must be one of {DINO_POOLINGS}, got '{pooling}'")
     torch_device = resolve_device(device)
-    local_dir, source = _local_hf_dir(name_or_path, trust_remote_code)
+    patterns = ["*.json", "*.safetensors"] + (["*.py"] if trust_remote_code else [])
+    local_dir, source = hf_model_dir(name_or_path, what="DINOv2 model", allow_patterns=patterns)
+    files = file_hashes(
+        [p for p in local_dir.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors"}],
+        model=f"DINOv2 '{name_or_path}'", expected=expected_files,
+    )
     model = AutoModel.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
     model = model.to(device=torch_device, dtype=dtype).eval()
     steps: list = [NeutralizeBackground(tolerance=background_tolerance)] if foreground_only else []
@@ -331,12 +587,11 @@ def load_dino(
     ]
     hidden = int(model.config.hidden_size)
     embed_dim = hidden if pooling == "cls" else 2 * hidden
-    files = [p for p in local_dir.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors"}]
     identity = {
         "kind": "dinov2",
         "name": name_or_path,
         "source": source,
-        "files": _hash_files(files),
+        "files": files,
         "embed_dim": embed_dim,
         "image_size": image_size,
         "pooling": pooling,
@@ -373,12 +628,11 @@ def build_demo_dino(out_dir: str | Path, seed: int = 0) -> dict:
     )
     out = Path(out_dir)
     Dinov2Model(config).save_pretrained(out)
-    files = [p for p in out.iterdir() if p.is_file()]
     return {
         "kind": "dinov2",
         "name": str(out),
         "source": "dir",
-        "files": _hash_files(files),
+        "files": file_hashes(p for p in out.iterdir() if p.is_file()),
         "hidden_size": config.hidden_size,
         "image_size": DEMO_DINO_IMAGE_SIZE,
         "seed": seed,

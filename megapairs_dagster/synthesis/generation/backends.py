@@ -7,12 +7,16 @@ models. vLLM (in-process) and OpenAI-compatible servers plug in here as further 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megapairs_dagster.synthesis.generation.base import DescriptionBackend, InstructionBackend
 from megapairs_dagster.synthesis.generation.prompts import (
     render_description_prompt,
     render_instruction_prompt,
 )
+
+if TYPE_CHECKING:  # the encoders module imports open_clip; the template backend needs none
+    from megapairs_dagster.synthesis.encoders import RecordedFiles
 
 BACKENDS = ("template", "transformers")
 
@@ -26,9 +30,13 @@ class BackendSettings:
     max_new_tokens: int = 256
     temperature: float = 0.7
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = "cpu"  # generation.device: auto, cpu, cuda or cuda:N
     dtype: str = "auto"
     trust_remote_code: bool = False
+    # File hashes of each model as recorded earlier (a backend's identity["file_sha256"]);
+    # when set, a model whose files changed is refused.
+    description_files: RecordedFiles | None = None
+    instruction_files: RecordedFiles | None = None
 
 
 def make_describer(settings: BackendSettings) -> DescriptionBackend:
@@ -43,6 +51,7 @@ def make_describer(settings: BackendSettings) -> DescriptionBackend:
     return TransformersDescriber(
         _model(settings, "description_model"),
         render_prompt=lambda request: render_description_prompt(request.word_budget, version),
+        expected_files=settings.description_files,
         **_generation_kwargs(settings),
     )
 
@@ -61,6 +70,7 @@ def make_instructor(settings: BackendSettings) -> InstructionBackend:
         render_prompt=lambda request: render_instruction_prompt(
             request.description, request.demonstrations, version
         ),
+        expected_files=settings.instruction_files,
         **_generation_kwargs(settings),
     )
 

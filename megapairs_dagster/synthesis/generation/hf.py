@@ -1,8 +1,10 @@
 """Hugging Face ``transformers`` backends for both generation steps (MLLM and LLM).
 
-Models come from a local directory or a hub id (read from the local cache when
-``HF_HUB_OFFLINE=1``). Prompts are rendered by an injected callable, so these classes only
-turn prompts into raw text; parsing and validation live elsewhere.
+Models come from a local directory written by ``save_pretrained`` or a hub id (read from the
+local cache when ``HF_HUB_OFFLINE=1``); the device is checked before any model loads, and
+file hashes recorded earlier are checked when given. Prompts are rendered by an injected
+callable, so these classes only turn prompts into raw text; parsing and validation live
+elsewhere.
 
 Seeding: sampling uses the Gumbel-max trick with one ``torch.Generator`` per request, seeded
 with the request's seed. A request's output therefore depends on its prompt and seed only,
@@ -12,15 +14,12 @@ not on the batch it shares or its position in it, so retries and re-batching rep
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError
 from PIL import Image
 from transformers import (
     AutoModelForCausalLM,
@@ -33,6 +32,12 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from megapairs_dagster.synthesis.encoders import (
+    RecordedFiles,
+    file_hashes,
+    hf_model_dir,
+    resolve_device,
+)
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
 
 # Files that decide a model's output: weights, configs, tokenizer and chat templates.
@@ -40,37 +45,13 @@ _HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".tikto
 _SEED_MASK = (1 << 64) - 1  # torch seeds are unsigned 64-bit; any int maps into range
 
 
-def resolve_model_dir(name: str) -> Path:
-    """The local directory of a model given as a path or a hub id, or a FileNotFoundError naming it.
-
-    Checked before loading so a typo fails at once with the name in the message instead of
-    deep inside ``from_pretrained``.
-    """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_absolute() or name.startswith((".", "~")) or path.exists():
-        raise FileNotFoundError(f"model directory {name!r} does not exist or is not a directory")
-    try:
-        return Path(snapshot_download(name, allow_patterns=["config.json"]))
-    except (HFValidationError, OSError) as error:
-        raise FileNotFoundError(
-            f"model {name!r} is neither a local directory nor a hub id available here "
-            f"(with HF_HUB_OFFLINE=1 only cached models load): {error}"
-        ) from error
-
-
-def model_file_hashes(directory: Path) -> dict[str, str]:
-    """sha256 of every file in ``directory`` that decides the model's output, by file name."""
-    hashes = {}
-    for file in sorted(directory.iterdir()):
-        if file.is_file() and file.name.endswith(_HASHED_SUFFIXES):
-            digest = hashlib.sha256()
-            with file.open("rb") as stream:
-                while chunk := stream.read(1 << 20):
-                    digest.update(chunk)
-            hashes[file.name] = digest.hexdigest()
-    return hashes
+def model_file_hashes(
+    directory: Path, *, model: str, expected: RecordedFiles | None = None
+) -> dict[str, str]:
+    """sha256 of every file in ``directory`` that decides the model's output, by file name;
+    with ``expected`` (hashes recorded earlier) a difference raises ModelMismatchError."""
+    files = [p for p in directory.iterdir() if p.is_file() and p.name.endswith(_HASHED_SUFFIXES)]
+    return file_hashes(files, model=model, expected=expected)
 
 
 def decode_image(data: bytes, pair_id: str, role: str) -> Image.Image:
@@ -125,15 +106,18 @@ class _TransformersBackend:
         device: str = "cpu",
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        expected_files: RecordedFiles | None = None,
     ):
-        """``render_prompt(request) -> str`` writes the prompt text of one request."""
+        """``render_prompt(request) -> str`` writes the prompt text of one request; ``device``
+        is the ``generation.device`` setting; ``expected_files`` are the model's file hashes
+        as an earlier run recorded them (its ``identity["file_sha256"]``)."""
         self.render_prompt = render_prompt
         if temperature < 0 or not 0 < top_p <= 1 or batch_size < 1 or max_new_tokens < 1:
             raise ValueError(
                 "need temperature >= 0, 0 < top_p <= 1, batch_size >= 1 and max_new_tokens >= 1"
             )
-        directory = resolve_model_dir(model_path)
-        self.device = torch.device(device)
+        self.device = resolve_device(device, setting="generation.device")
+        directory, _ = hf_model_dir(model_path, what="model", allow_patterns=["config.json"])
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -142,11 +126,15 @@ class _TransformersBackend:
         self.load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
         self.tokenizer: Any = None  # set by ``_load``; the processor's tokenizer for an MLLM
         self.model = self._load(model_path).to(self.device).eval()
+        # Hashed after loading: from a hub id, only loading brings every file into the cache.
+        file_sha256 = model_file_hashes(
+            directory, model=f"generation model {model_path!r}", expected=expected_files
+        )
         self.identity = {
             "backend": self.backend_name,
             "model": model_path,
             "model_class": type(self.model).__name__,
-            "file_sha256": model_file_hashes(directory),
+            "file_sha256": file_sha256,
             "settings": {
                 "max_new_tokens": max_new_tokens,
                 "temperature": temperature,
