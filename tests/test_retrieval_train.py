@@ -21,6 +21,7 @@ from megapairs_dagster.retrieval import (
     TrainConfig,
     train_mmret,
 )
+from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.triplet_store import TRIPLETS_SCHEMA, TripletStore
 
 SHAPE_COLOURS = [c for c in sorted(COLOURS) if c != "white"]
@@ -109,7 +110,7 @@ def test_dataset_reads_the_triplet_store(tmp_path):
     model = tiny_model()
     images = shape_images()
     examples = shape_examples(6)
-    store = TripletStore(tmp_path / "triplets.duckdb")
+    store = TripletStore(ArtifactStoreClient(str(tmp_path / "store")))
     rows = pd.DataFrame(
         {
             "query_id": [e.query for e in examples],

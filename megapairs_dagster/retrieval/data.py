@@ -1,7 +1,7 @@
 """Training examples for MMRet: (query image, one instruction, target, hard negatives), and
 (image, caption) examples for the caption-only control.
 
-Two sources of triplets: the DuckDB ``triplets`` table (through ``TripletStore``, images
+Two sources of triplets: the ``triplets`` table (through ``TripletStore``, images
 fetched by a caller-given ``image_bytes(image_id)``), or a file in the released MegaPairs
 format.
 

@@ -1,28 +1,38 @@
-"""The DuckDB tables ``triplets`` and ``images``, written shard by shard.
+"""The tables ``triplets``, ``images`` and ``benchmark_scores`` as Parquet files in the store.
 
-DuckDB lets one process at a time open a database file for writing, and a read-only open
-also fails while another process writes. Dagster's multiprocess executor runs several
-shards at once in separate processes, so every open happens under one exclusive file lock
-(``<db>.lock``) and the connection is closed before the lock is released: callers wait
-instead of seeing "Could not set lock on file". Readers take the same lock because DuckDB
-would refuse their read-only open during a write; reads are short, so the wait is too.
+On a cluster every step runs in its own pod and the artifact store (S3) is the only thing
+they share, so each writer owns whole files and nobody needs a lock:
+
+    tables/triplets/<shard>.parquet
+    tables/images/<shard>.parquet
+    tables/benchmark_scores/<benchmark>/<model>.parquet
+
+Every file is one atomic ``write_bytes`` of complete Parquet bytes (one PUT on S3), so a
+reader sees a file's old or new version, never half of one. A shard writes its images file
+first and its triplets file last: the triplets file is the shard's commit point. Reading is
+DuckDB over those files: ``connect()`` gives an in-memory connection whose views are the
+three tables (through the store's fsspec filesystem, as DuckDB's httpfs is not available).
 """
 
 from __future__ import annotations
 
+import io
+import posixpath
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 
 import duckdb
-import filelock
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1"
-DEFAULT_LOCK_TIMEOUT_S = 900.0
+from megapairs_dagster.storage import ArtifactStoreClient
+
+SCHEMA_VERSION = "2"
+SCHEMA_VERSION_KEY = "megapairs.schema_version"
+TABLES_DIR = "tables"
 
 TRIPLETS_SCHEMA = pa.schema(
     [
@@ -47,47 +57,43 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("uri", pa.string()),
     ]
 )
+# Columns without which a row is useless; checked before anything is written.
+REQUIRED_COLUMNS = {
+    "triplets": ("query_id", "target_id", "instructions", "hard_negative_ids"),
+    "images": ("image_id", "uri"),
+}
 # Columns the store fills itself; a frame may carry ``shard`` if it agrees with the argument.
 STORE_FILLED_COLUMNS = ("shard", "created_at")
+_SHARD = pa.field("shard", pa.string())
+_CREATED_AT = pa.field("created_at", pa.timestamp("us"))
+# What ``replace_scores`` is given; the store adds benchmark, model, checkpoint, created_at.
+_SCORE_ROWS_SCHEMA = pa.schema(
+    [
+        pa.field("query_group", pa.string()),
+        pa.field("metric", pa.string()),
+        pa.field("value", pa.float64()),
+    ]
+)
 
-CREATE_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
-CREATE TABLE IF NOT EXISTS triplets (
-    query_id BIGINT NOT NULL,
-    target_id BIGINT NOT NULL,
-    instructions VARCHAR[] NOT NULL,
-    hard_negative_ids BIGINT[] NOT NULL,
-    views VARCHAR[],
-    scores FLOAT[],
-    description VARCHAR,
-    generator_backend VARCHAR,
-    description_model VARCHAR,
-    instruction_model VARCHAR,
-    prompt_version VARCHAR,
-    config_hash VARCHAR,
-    shard VARCHAR NOT NULL,
-    created_at TIMESTAMP NOT NULL
-);
-CREATE TABLE IF NOT EXISTS images (
-    image_id BIGINT NOT NULL,
-    shard VARCHAR NOT NULL,
-    caption VARCHAR,
-    uri VARCHAR NOT NULL
-);
-CREATE TABLE IF NOT EXISTS benchmark_scores (
-    benchmark VARCHAR NOT NULL,
-    model VARCHAR NOT NULL,
-    query_group VARCHAR NOT NULL,
-    metric VARCHAR NOT NULL,
-    value DOUBLE NOT NULL,
-    checkpoint VARCHAR,
-    created_at TIMESTAMP NOT NULL
-);
-"""
-
-
-class StoreLockTimeout(TimeoutError):
-    """The database stayed locked by other writers for longer than the configured timeout."""
+# The schemas of the files (and so of the views), column order included.
+FILE_SCHEMAS = {
+    "triplets": pa.schema([*TRIPLETS_SCHEMA, _SHARD, _CREATED_AT]),
+    "images": pa.schema(
+        [IMAGES_SCHEMA.field("image_id"), _SHARD, IMAGES_SCHEMA.field("caption"),
+         IMAGES_SCHEMA.field("uri"), _CREATED_AT]
+    ),
+    "benchmark_scores": pa.schema(
+        [
+            pa.field("benchmark", pa.string()),
+            pa.field("model", pa.string()),
+            *_SCORE_ROWS_SCHEMA,
+            pa.field("checkpoint", pa.string()),
+            _CREATED_AT,
+        ]
+    ),
+}
+# A name becomes a file name and a DuckDB path (where these characters would glob).
+_FORBIDDEN_IN_NAMES = set("/\\*?[]{}")
 
 
 def _to_arrow(frame: pd.DataFrame, schema: pa.Schema, table: str, shard: str) -> pa.Table:
@@ -105,155 +111,195 @@ def _to_arrow(frame: pd.DataFrame, schema: pa.Schema, table: str, shard: str) ->
     if "shard" in frame.columns and not (frame["shard"] == shard).all():
         others = sorted(set(frame["shard"].astype(str)) - {shard})
         raise ValueError(f"{table} rows for shard {shard!r} also name shards {others}")
+    if frame.empty:  # pandas gives empty list columns a float dtype; there is nothing to convert
+        return schema.empty_table()
     try:
-        return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+        converted = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
         raise ValueError(f"{table} rows for shard {shard!r} have a wrong type: {error}") from error
+    with_nulls = [name for name in REQUIRED_COLUMNS[table] if converted[name].null_count]
+    if with_nulls:
+        raise ValueError(f"{table} rows for shard {shard!r} have nulls in {with_nulls}")
+    return converted
 
 
-def _single_row(connection: duckdb.DuckDBPyConnection, sql: str, parameters=()) -> tuple:
+def _check_name(kind: str, name: str) -> None:
+    if not name or name.startswith(".") or _FORBIDDEN_IN_NAMES & set(name):
+        raise ValueError(
+            f"{kind} {name!r} cannot name a table file: it must be non-empty, not start with "
+            f"'.', and contain none of {''.join(sorted(_FORBIDDEN_IN_NAMES))}"
+        )
+
+
+def _parquet_bytes(rows: pa.Table, table: str, constants: dict) -> bytes:
+    """A file of ``table`` as bytes: ``rows`` plus constant columns, version-tagged."""
+    schema = FILE_SCHEMAS[table]
+    for column, value in constants.items():
+        field = schema.field(column)
+        rows = rows.append_column(field, pa.array([value] * rows.num_rows, field.type))
+    rows = rows.select(schema.names).replace_schema_metadata({SCHEMA_VERSION_KEY: SCHEMA_VERSION})
+    buffer = io.BytesIO()
+    pq.write_table(rows, buffer)
+    return buffer.getvalue()
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _single_row(connection: duckdb.DuckDBPyConnection, sql: str) -> tuple:
     """The one row of a statement, fetched to the end (DuckDB 2 refuses new work before that)."""
-    (row,) = connection.execute(sql, list(parameters)).fetchall()
+    (row,) = connection.execute(sql).fetchall()
     return row
 
 
 class TripletStore:
-    """Replace-by-shard access to the ``triplets`` and ``images`` tables of one DuckDB file."""
+    """Replace-by-shard writes and DuckDB reads of the tables under ``store``'s ``tables/``."""
 
-    def __init__(self, db_path: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S):
-        self.db_path = Path(db_path)
-        self.lock_timeout_s = lock_timeout_s
+    def __init__(self, store: ArtifactStoreClient):
+        self.store = store
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Hold the cross-process lock, turning an expired wait into a clear error."""
-        lock = filelock.FileLock(f"{self.db_path}.lock", timeout=self.lock_timeout_s)
+    @staticmethod
+    def _relpath(table: str, name: str) -> str:
+        return f"{TABLES_DIR}/{table}/{name}.parquet"
+
+    def _rows_in(self, relpath: str) -> int:
+        """Rows of the file at ``relpath`` (0 if none), from its footer alone."""
+        path = self.store.path(relpath).path
+        self.store.fs.invalidate_cache(path)
         try:
-            lock.acquire()
-        except filelock.Timeout as error:
-            raise StoreLockTimeout(
-                f"waited {self.lock_timeout_s:.0f} s for {lock.lock_file}; another process is "
-                f"still using {self.db_path} (raise lock_timeout_s for very large shards)"
-            ) from error
-        try:
-            yield
-        finally:
-            lock.release()
-
-    @contextmanager
-    def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection opened and closed inside the lock, with the schema in place."""
-        with self._exclusive():
-            if read_only and self.db_path.exists():
-                with duckdb.connect(str(self.db_path), read_only=True) as connection:
-                    yield connection
-                return
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            with duckdb.connect(str(self.db_path)) as connection:
-                self._ensure_schema(connection)
-                yield connection
-
-    def _ensure_schema(self, connection: duckdb.DuckDBPyConnection) -> None:
-        connection.execute(CREATE_SCHEMA_SQL)
-        connection.execute(
-            "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
-            [SCHEMA_VERSION],
-        )
-        (found,) = _single_row(connection, "SELECT value FROM meta WHERE key = 'schema_version'")
-        if found != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.db_path} has triplet schema version {found}, this code writes "
-                f"version {SCHEMA_VERSION}; migrate or use a new database file"
-            )
+            with self.store.fs.open(path, "rb") as handle:
+                return pq.read_metadata(handle).num_rows
+        except FileNotFoundError:
+            return 0
 
     def replace_shard(self, shard: str, triplets: pd.DataFrame, images: pd.DataFrame) -> dict:
-        """Swap one shard's rows for new ones in one transaction; return counts and timings.
+        """Replace the shard's two files with these rows; return counts and the time it took.
 
-        Re-running a shard leaves the tables as one run would; a failure leaves the
-        previous rows of the shard untouched.
+        Everything is checked and encoded before the first write, so a bad frame changes
+        nothing. Images go first and triplets last: if the store fails in between, the old
+        triplets stay, beside the new images, until the shard is rerun.
         """
-        if not shard:
-            raise ValueError("shard must be a non-empty string")
+        started = time.perf_counter()
+        _check_name("shard", shard)
         incoming_triplets = _to_arrow(triplets, TRIPLETS_SCHEMA, "triplets", shard)
         incoming_images = _to_arrow(images, IMAGES_SCHEMA, "images", shard)
-        created_at = datetime.now(timezone.utc).replace(tzinfo=None)
-        requested = time.perf_counter()
-        with self._connect(read_only=False) as connection:
-            started = time.perf_counter()
-            connection.register("incoming_triplets", incoming_triplets)
-            connection.register("incoming_images", incoming_images)
-            connection.begin()
-            try:
-                (triplets_deleted,) = _single_row(
-                    connection, "DELETE FROM triplets WHERE shard = ?", [shard]
-                )
-                (images_deleted,) = _single_row(
-                    connection, "DELETE FROM images WHERE shard = ?", [shard]
-                )
-                connection.execute(
-                    "INSERT INTO triplets BY NAME "
-                    "SELECT *, ? AS shard, ? AS created_at FROM incoming_triplets",
-                    [shard, created_at],
-                )
-                connection.execute(
-                    "INSERT INTO images BY NAME SELECT *, ? AS shard FROM incoming_images",
-                    [shard],
-                )
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
-            write_s = time.perf_counter() - started
+        stamp = {"shard": shard, "created_at": datetime.now(timezone.utc).replace(tzinfo=None)}
+        files = {
+            "images": _parquet_bytes(incoming_images, "images", stamp),
+            "triplets": _parquet_bytes(incoming_triplets, "triplets", stamp),
+        }
+        deleted = {}
+        for table, data in files.items():
+            relpath = self._relpath(table, shard)
+            deleted[table] = self._rows_in(relpath)
+            self.store.write_bytes(relpath, data)
         return {
             "shard": shard,
-            "triplets_deleted": int(triplets_deleted),
+            "triplets_deleted": deleted["triplets"],
             "triplets_inserted": incoming_triplets.num_rows,
-            "images_deleted": int(images_deleted),
+            "images_deleted": deleted["images"],
             "images_inserted": incoming_images.num_rows,
-            "wait_s": started - requested,
-            "write_s": write_s,
+            "write_s": time.perf_counter() - started,
         }
 
     def replace_scores(
         self, benchmark: str, model: str, metrics: dict[str, dict[str, float]], checkpoint: str
     ) -> int:
-        """Swap the ``benchmark_scores`` rows of one (benchmark, model) in one transaction.
+        """Replace the ``benchmark_scores`` file of one (benchmark, model); return its rows.
 
         ``metrics`` maps a query group ("all", or e.g. an edit type) to ``{metric: value}``.
         """
+        _check_name("benchmark", benchmark)
+        _check_name("model", model)
         rows = [
-            (benchmark, model, group, metric, float(value), checkpoint)
+            {"query_group": group, "metric": metric, "value": float(value)}
             for group, values in metrics.items()
             for metric, value in values.items()
         ]
-        created_at = datetime.now(timezone.utc).replace(tzinfo=None)
-        with self._connect(read_only=False) as connection:
-            connection.begin()
-            try:
-                connection.execute(
-                    "DELETE FROM benchmark_scores WHERE benchmark = ? AND model = ?",
-                    [benchmark, model],
-                )
-                connection.executemany(
-                    "INSERT INTO benchmark_scores VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(*row, created_at) for row in rows],
-                )
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
+        scores = pa.Table.from_pylist(rows, schema=_SCORE_ROWS_SCHEMA)
+        constants = {
+            "benchmark": benchmark,
+            "model": model,
+            "checkpoint": checkpoint,
+            "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        }
+        data = _parquet_bytes(scores, "benchmark_scores", constants)
+        self.store.write_bytes(self._relpath("benchmark_scores", f"{benchmark}/{model}"), data)
         return len(rows)
+
+    def _files(self, table: str, shards: Collection[str] | None) -> list[str]:
+        """The table's files as DuckDB paths, listed afresh (other processes add files)."""
+        fs = self.store.fs
+        folder = self.store.path(TABLES_DIR, table).path
+        fs.invalidate_cache(folder)
+        found = [
+            path
+            for path in sorted(fs.find(folder))
+            if path.endswith(".parquet") and not posixpath.basename(path).startswith(".")
+        ]
+        if shards is not None:
+            wanted = {f"{shard}.parquet" for shard in shards}
+            found = [path for path in found if posixpath.basename(path) in wanted]
+        return found if self.store.is_local else [fs.unstrip_protocol(path) for path in found]
+
+    def written_shards(self) -> list[str]:
+        """The shards whose triplets file exists, those with zero triplets included."""
+        files = self._files("triplets", None)
+        return [posixpath.basename(path).removesuffix(".parquet") for path in files]
+
+    @contextmanager
+    def connect(
+        self, shards: Collection[str] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """An in-memory DuckDB connection with the views ``triplets``, ``images`` and
+        ``benchmark_scores`` over the store's files.
+
+        The files are listed once, so every query on the connection sees the same shards.
+        ``shards`` limits ``triplets`` and ``images`` to those shards and reads no other file.
+        A table without files is an empty view with the full schema.
+        """
+        with duckdb.connect() as connection:
+            if not self.store.is_local:
+                connection.register_filesystem(self.store.fs)
+            for table, schema in FILE_SCHEMAS.items():
+                files = self._files(table, None if table == "benchmark_scores" else shards)
+                if not files:
+                    connection.register(table, schema.empty_table())
+                    continue
+                self._check_versions(connection, files)
+                listed = ", ".join(_sql_string(path) for path in files)
+                connection.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}])")
+            yield connection
+
+    @staticmethod
+    def _check_versions(connection: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+        """Refuse files of another schema version rather than mixing them into one view."""
+        found = dict(
+            connection.execute(
+                "SELECT file_name, decode(value) FROM parquet_kv_metadata(?) "
+                "WHERE decode(key) = ?",
+                [files, SCHEMA_VERSION_KEY],
+            ).fetchall()
+        )
+        wrong = [f"{path} ({found.get(path, 'none')})" for path in files
+                 if found.get(path) != SCHEMA_VERSION]
+        if wrong:
+            raise RuntimeError(
+                f"{len(wrong)} table file(s) have another schema version than {SCHEMA_VERSION}, "
+                f"which this code reads: {wrong[:3]}; rewrite them (rerun their shards)"
+            )
 
     def scores_frame(self) -> pd.DataFrame:
         """Every row of ``benchmark_scores``."""
-        with self._connect(read_only=True) as connection:
+        with self.connect() as connection:
             return connection.execute(
                 "SELECT * FROM benchmark_scores ORDER BY benchmark, model, query_group, metric"
             ).df()
 
     def counts(self) -> dict:
         """Rows per table and number of shards, for asset metadata."""
-        with self._connect(read_only=True) as connection:
+        with self.connect() as connection:
             triplets, shards = _single_row(
                 connection, "SELECT count(*), count(DISTINCT shard) FROM triplets"
             )
@@ -263,10 +309,10 @@ class TripletStore:
     def duplicate_pairs(self) -> int:
         """How many (query_id, target_id) pairs occur more than once (0 when the store is sound).
 
-        Checked here rather than by a PRIMARY KEY, which DuckDB would enforce too eagerly for a
-        delete and re-insert of the same keys inside one transaction.
+        Each shard owns its file, so nothing stops two shards from holding the same pair;
+        this count is the check.
         """
-        with self._connect(read_only=True) as connection:
+        with self.connect() as connection:
             (duplicates,) = _single_row(
                 connection,
                 "SELECT count(*) FROM (SELECT 1 FROM triplets "
@@ -274,16 +320,12 @@ class TripletStore:
             )
         return int(duplicates)
 
-    def triplets_frame(self, shards: list[str] | None = None) -> pd.DataFrame:
+    def triplets_frame(self, shards: Collection[str] | None = None) -> pd.DataFrame:
         """The triplets of ``shards`` (all when None), ordered, list columns as Python lists."""
-        query = "SELECT * FROM triplets"
-        parameters: list = []
-        if shards is not None:
-            query += " WHERE list_contains(?, shard)"
-            parameters.append(list(shards))
-        query += " ORDER BY shard, query_id, target_id"
-        with self._connect(read_only=True) as connection:
-            frame = connection.execute(query, parameters).df()
+        with self.connect(shards) as connection:
+            frame = connection.execute(
+                "SELECT * FROM triplets ORDER BY shard, query_id, target_id"
+            ).df()
         for column in ("instructions", "hard_negative_ids", "views", "scores"):
             frame[column] = frame[column].map(
                 lambda values: None if values is None else values.tolist()
