@@ -4,8 +4,15 @@ PY := $(VENV)/bin/python
 PORT ?= 3000
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export MEGAPAIRS_HOME ?= $(CURDIR)/data
+# Each deployment has its own Dagster instance: the demo's is .dagster_home, another profile's
+# .dagster_<profile> (an instance refuses a second deployment's shards: jobs/sensors.py).
+MEGAPAIRS_PROFILE ?= demo
+ifeq ($(MEGAPAIRS_PROFILE),demo)
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+else
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_$(MEGAPAIRS_PROFILE)
+endif
 
 .PHONY: install demo test ui lint bench clean
 
@@ -40,4 +47,4 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf data .dagster_home
+	rm -rf data .dagster_home .dagster_paper

@@ -4,6 +4,7 @@
     megapairs demo-benchmark --out data/demo_bench    write the demo CIR benchmark (CIRCO format)
     megapairs demo                                    materialise the graph on the demo profile
     megapairs score circo --annotations F --predictions P   score a submission-format file
+    megapairs shards register                         add the source's shards as partitions
 """
 
 from __future__ import annotations
@@ -37,17 +38,22 @@ def _demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("MEGAPAIRS_PROFILE", "demo")
     from dagster import DagsterInstance
 
-    from megapairs_dagster.assets.training import DEMO_SEEDS
-    from megapairs_dagster.definitions import defs
+    from megapairs_dagster.definitions import build_definitions
     from megapairs_dagster.demo import write_demo_shard
-    from megapairs_dagster.jobs.pipeline import DEMO_TRAINING_RUNS, materialize_pipeline
+    from megapairs_dagster.jobs.pipeline import materialize_pipeline
+    from megapairs_dagster.jobs.sensors import claim_instance
     from megapairs_dagster.jobs.summary import (
         format_scores,
         format_summary,
         pipeline_summary,
         training_reports,
     )
-    from megapairs_dagster.resources.profiles import resources_for
+    from megapairs_dagster.resources.profiles import (
+        DEMO_CONTROL,
+        DEMO_RUNS,
+        DEMO_SEEDS,
+        load_deployment,
+    )
     from megapairs_dagster.synthesis.readers import discover_shards
     from megapairs_dagster.synthesis.triplet_store import TripletStore
 
@@ -59,20 +65,50 @@ def _demo(args: argparse.Namespace) -> None:
             write_demo_shard(corpus_dir, index, args.images_per_shard, args.seed)
     shard_keys = [shard.name for shard in discover_shards(str(corpus_dir))]
     print(f"demo corpus: {len(shard_keys)} shards in {corpus_dir}")
-    resources = resources_for("demo", str(home))
+    deployment = load_deployment("demo", str(home))
+    resources = deployment.resources
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
-    assets = list(defs.assets)
+    claim_instance(instance, resources["store"])
+    assets = list(build_definitions(deployment).assets)
     materialize_pipeline(assets, resources, instance, shard_keys, refresh_from=args.refresh_from)
-    summary = pipeline_summary(resources["store"].client(), shard_keys)
-    database = TripletStore(resources["triplet_db"].path)
+    client = resources["store"].client()
+    summary = pipeline_summary(client, shard_keys)
+    database = TripletStore(client)
     summary["triplets"] = database.counts()
-    summary["export"] = resources["store"].client().url("megapairs_export")
+    summary["export"] = client.url("megapairs_export")
     print("\n" + format_summary(summary))
-    training = training_reports(resources["store"].client(), DEMO_TRAINING_RUNS)
+    training = training_reports(client, tuple(DEMO_RUNS))
     print("\n" + format_scores(
-        database.scores_frame(), seeds=DEMO_SEEDS, control="demo_captions", training=training
+        database.scores_frame(), seeds=DEMO_SEEDS, control=DEMO_CONTROL, training=training
     ))
     print(f"\ndemo pipeline finished in {time.perf_counter() - started:.0f}s")
+
+
+def _shards(args: argparse.Namespace) -> None:
+    """Register the shards found at the deployment's corpus source as ``shards`` partitions,
+    what the shard sensor does, for users who run ``dagster asset materialize`` without the
+    daemon."""
+    from dagster import DagsterInstance
+
+    from megapairs_dagster.assets.partitions import shards
+    from megapairs_dagster.jobs.sensors import claim_instance
+    from megapairs_dagster.resources.profiles import load_deployment
+    from megapairs_dagster.synthesis.readers import discover_shards
+
+    if not os.environ.get("DAGSTER_HOME"):
+        raise ValueError("set DAGSTER_HOME to the deployment's Dagster home first")
+    resources = load_deployment().resources
+    source = resources["corpus_source"].process_config_and_initialize()
+    found = [s.name for s in discover_shards(source.url, source.storage_options(), source.format)]
+    with DagsterInstance.get() as instance:
+        claim_instance(instance, resources["store"].process_config_and_initialize())
+        known = set(instance.get_dynamic_partitions(shards.name))
+        new = [name for name in found if name not in known]
+        if new and args.command_action == "register":
+            instance.add_dynamic_partitions(shards.name, new)
+    verb = "registered" if args.command_action == "register" else "not registered yet"
+    print(f"{len(found)} shards at {source.url}; {len(new)} {verb}"
+          + (f": {', '.join(new)}" if new else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--refresh-from", metavar="ASSET",
                       help="recompute this asset's stage and every later one for all shards")
     demo.set_defaults(run=_demo)
+
+    shard_commands = commands.add_parser(
+        "shards", help="list or register the corpus source's shards as partitions")
+    shard_commands.add_argument("command_action", choices=["list", "register"])
+    shard_commands.set_defaults(run=_shards)
 
     add_score_command(commands)
 

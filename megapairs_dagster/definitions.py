@@ -1,4 +1,5 @@
-"""The one Definitions object of the code location; resources come from the active profile."""
+"""The one Definitions object of the code location, built from the deployment the environment
+describes (profile, config file, executor: ``resources/profiles.py``)."""
 
 from dagster import Definitions, load_assets_from_modules
 
@@ -7,42 +8,39 @@ from megapairs_dagster.assets import (
     diagnostics,
     embeddings,
     encoders,
-    evaluation,
     instructions,
-    knn,
+    lookup,
     pairs,
-    training,
     triplets,
 )
 from megapairs_dagster.assets.code_versions import with_config_versions
-from megapairs_dagster.jobs import jobs, schedules, sensors, with_automation
-from megapairs_dagster.resources.profiles import executor_for, resources_for
+from megapairs_dagster.assets.evaluation import build_scores_asset, demo_benchmark
+from megapairs_dagster.assets.knn import knn_assets
+from megapairs_dagster.assets.training import build_training_asset
+from megapairs_dagster.jobs import build_jobs, schedules, sensors, with_automation
+from megapairs_dagster.resources.profiles import Deployment, load_deployment
 
 
-def build_definitions(resources: dict) -> Definitions:
-    """The code location for these resources: asset code versions follow their configuration."""
-    assets = load_assets_from_modules(
-        [
-            corpus,
-            encoders,
-            embeddings,
-            knn,
-            diagnostics,
-            pairs,
-            instructions,
-            triplets,
-            training,
-            evaluation,
-        ]
-    )
+def build_definitions(deployment: Deployment) -> Definitions:
+    """The code location of a deployment: its training runs are the partitions of training
+    and scoring, asset code versions follow its configuration, its executor runs every job."""
+    assets = [
+        *load_assets_from_modules(
+            [corpus, lookup, encoders, embeddings, diagnostics, pairs, instructions, triplets]
+        ),
+        *knn_assets(deployment.resources["indexes"]),
+        build_training_asset(deployment.training_runs),
+        demo_benchmark,
+        build_scores_asset(deployment.training_runs),
+    ]
     return Definitions(
-        assets=with_config_versions(with_automation(assets), resources),
-        jobs=jobs,
+        assets=with_config_versions(with_automation(assets), deployment.resources),
+        jobs=build_jobs(deployment.training_runs),
         sensors=sensors,
         schedules=schedules,
-        resources=resources,
-        executor=executor_for(),
+        resources=deployment.resources,
+        executor=deployment.executor_definition(),
     )
 
 
-defs = build_definitions(resources_for())
+defs = build_definitions(load_deployment())

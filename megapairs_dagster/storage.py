@@ -8,6 +8,7 @@ only becomes visible once complete, so the object is written in one call.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -19,16 +20,33 @@ import fsspec
 from upath import UPath
 
 
-class ArtifactStoreClient:
-    """Read and write artifacts below ``root`` (a path or URL)."""
+def default_cache_dir(root: str) -> Path:
+    """Where a remote store's files are copied locally: one folder per store URL, so two
+    deployments on one machine never share cached weights or checkpoints."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "megapairs" / hashlib.sha256(root.encode()).hexdigest()[:16]
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+
+class ArtifactStoreClient:
+    """Read and write artifacts below ``root`` (a path or URL).
+
+    A local store is read in place; a remote store's folders that a library must open from
+    disk (model weights, checkpoints) are copied once into ``cache_dir``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
         if not root:
             raise ValueError("artifact store root must not be empty")
         self.storage_options = dict(storage_options or {})
         self.root = UPath(root, **self.storage_options)
         if self.is_local:
             self.root = UPath(os.path.abspath(root))
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(str(self.root))
 
     @property
     def is_local(self) -> bool:
@@ -84,12 +102,12 @@ class ArtifactStoreClient:
             self.write_bytes(f"{relpath}/{file.relative_to(local_dir).as_posix()}", file.read_bytes())
         return self.path(relpath)
 
-    def local_dir(self, relpath: str, cache_dir: str | os.PathLike) -> Path:
+    def local_dir(self, relpath: str) -> Path:
         """A local directory holding ``relpath``: itself when local, else a cached download."""
         source = self.path(relpath)
         if self.is_local:
             return Path(source.path)
-        target = Path(cache_dir) / relpath
+        target = self.cache_dir / relpath
         if not target.exists():
             partial = target.with_name(target.name + f".{uuid.uuid4().hex}.partial")
             self.fs.get(source.path.rstrip("/") + "/", str(partial), recursive=True)

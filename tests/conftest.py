@@ -1,5 +1,6 @@
 """Shared test setup: offline hub, and a small demo profile for graph tests."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -8,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from megapairs_dagster.resources.profiles import resources_for
+from megapairs_dagster.resources.profiles import Deployment, load_deployment, resources_for
 from megapairs_dagster.resources.settings import Compute, Encoders, Mining, Training
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.synthesis.views import VIEWS
@@ -30,7 +31,7 @@ def small_demo_resources(home, **store_overrides) -> dict:
         mode="bootstrap", dino_image_size=resources["encoders"].dino_image_size,
         bootstrap_max_seconds=8, bootstrap_max_images=400,
     )
-    resources["compute"] = Compute(num_workers=0, batch_size=32, cache_dir=str(home / "cache"))
+    resources["compute"] = Compute(num_workers=0, batch_size=32)
     resources["training"] = Training(max_steps=12, batch_size=8, warmup_steps=2)
     # Every neighbour counts, so the report measures the views rather than a window.
     resources["mining"] = Mining(windows={view: [0.0, 1.0] for view in VIEWS})
@@ -39,6 +40,11 @@ def small_demo_resources(home, **store_overrides) -> dict:
         resources["store"] = store
         resources["io_manager"] = ArtifactIOManager(store=store)
     return resources
+
+
+def deployment_with(resources: dict, profile: str = "demo") -> Deployment:
+    """The profile's deployment (training runs, executor) with these resources."""
+    return dataclasses.replace(load_deployment(profile, "home"), resources=resources)
 
 
 @pytest.fixture

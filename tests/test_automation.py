@@ -4,6 +4,7 @@ Materialisations are reported straight to an ephemeral instance (nothing is comp
 test shows in seconds what the automation sensor would request on a server.
 """
 
+from datetime import datetime, timedelta, timezone
 from unittest import mock
 
 import pytest
@@ -15,7 +16,8 @@ from megapairs_dagster.jobs.schedules import AFTER_INDEX, INGEST_AND_EMBED
 from megapairs_dagster.synthesis.views import VIEWS
 
 OLD, NEW = "00000", "00001"
-GLOBAL = ["base_encoders", *(f"knn_index_{v}" for v in VIEWS), "view_report", "megapairs_export"]
+GLOBAL = ["base_encoders", "image_index", *(f"knn_index_{v}" for v in VIEWS), "view_report",
+          "megapairs_export"]
 AFTER_NEIGHBORS = [name for name in AFTER_INDEX if not name.startswith("neighbors_")]
 
 
@@ -27,10 +29,11 @@ class Ticks:
         self.cursor = None
         self.keys = defs.resolve_asset_graph().get_all_asset_keys()
 
-    def __call__(self) -> dict[str, set]:
-        """What this tick requests: asset name → partitions (None for an unpartitioned asset)."""
+    def __call__(self, at: datetime | None = None) -> dict[str, set]:
+        """What this tick (at ``at``, default now) requests: asset name → partitions (None for
+        an unpartitioned asset)."""
         result = evaluate_automation_conditions(
-            defs=defs, instance=self.instance, cursor=self.cursor
+            defs=defs, instance=self.instance, cursor=self.cursor, evaluation_time=at
         )
         self.cursor = result.cursor
         requested = {
@@ -64,11 +67,12 @@ def ticks(instance):
 
 
 def test_a_new_shard_is_embedded_and_nothing_of_the_old_one_runs(ticks):
-    assert ticks() == {f"embeddings_{view}": {NEW} for view in VIEWS}
+    assert ticks() == {"image_index": {None}, **{f"embeddings_{view}": {NEW} for view in VIEWS}}
 
 
 def test_neighbours_wait_for_an_index_built_after_the_shards_embeddings(ticks, instance):
     ticks()
+    materialised(instance, ["image_index"])
     materialised(instance, [f"embeddings_{view}" for view in VIEWS], NEW)
     # the indexes are rebuilt; the neighbours would search indexes without the new shard
     assert ticks() == {f"knn_index_{view}": {None} for view in VIEWS}
@@ -90,9 +94,10 @@ def test_base_encoders_run_once_when_missing_after_a_first_ingest(instance):
     ticks = Ticks(instance)
     assert ticks() == {}  # no shard ingested yet: nothing to train on
     materialised(instance, ["corpus_images", "corpus_rejects"], OLD)
-    assert ticks() == {"base_encoders": {None}}  # the embeddings wait for its run
+    # the embeddings wait for its run; the image index is rebuilt beside it
+    assert ticks() == {"base_encoders": {None}, "image_index": {None}}
     assert ticks() == {}  # requested once, even before its run shows up
-    materialised(instance, ["base_encoders"])
+    materialised(instance, ["base_encoders", "image_index"])
     assert ticks() == {f"embeddings_{view}": {OLD} for view in VIEWS}
     materialised(instance, [f"embeddings_{view}" for view in VIEWS], OLD)
     instance.add_dynamic_partitions("shards", [NEW])
@@ -104,6 +109,7 @@ def test_base_encoders_run_once_when_missing_after_a_first_ingest(instance):
 
 def _through_neighbours(ticks, instance) -> dict:
     """The new shard up to its neighbours; returns the tick that requests the rest."""
+    materialised(instance, ["image_index"])
     materialised(instance, [f"embeddings_{view}" for view in VIEWS], NEW)
     materialised(instance, [f"knn_index_{view}" for view in VIEWS])
     materialised(instance, [f"neighbors_{view}" for view in VIEWS], NEW)
@@ -167,3 +173,33 @@ def test_a_queued_run_counts_as_in_progress(ticks, instance):
         tags={"dagster/partition": NEW},
     )
     assert not set(Ticks(instance)()) & set(AFTER_NEIGHBORS)
+
+
+def test_generation_waits_for_an_image_index_that_holds_the_shard(ticks, instance):
+    """The descriptions read the pair images of any shard through image_index: not before the
+    index was rebuilt after this shard's ingest."""
+    ticks()  # requests the new shard's embeddings and the image index
+    materialised(instance, [f"embeddings_{view}" for view in VIEWS], NEW)
+    materialised(instance, [f"knn_index_{view}" for view in VIEWS])
+    materialised(instance, [f"neighbors_{view}" for view in VIEWS], NEW)
+    materialised(instance, ["image_pairs"], NEW)
+    assert not {"pair_descriptions", "instructions"} & set(ticks())
+    materialised(instance, ["image_index"])
+    assert {"pair_descriptions", "description_rejects"} <= set(ticks())
+
+
+def test_a_failed_shard_is_retried_on_the_hour_once(ticks, instance):
+    """A failed run is not retried in a loop: once per retry tick (jobs/automation.py)."""
+    start = datetime(2026, 1, 1, 10, 10, tzinfo=timezone.utc)
+    assert ticks(start)["embeddings_clip_image"] == {NEW}
+    run = instance.create_run_for_job(
+        defs.resolve_implicit_global_asset_job_def(),
+        asset_selection={AssetKey("embeddings_clip_image")},
+        tags={"dagster/partition": NEW},
+    )
+    instance.report_run_failed(run)
+    for minutes in (1, 20, 45):  # failed: not requested again within the hour
+        assert "embeddings_clip_image" not in ticks(start + timedelta(minutes=minutes))
+    retried = ticks(start + timedelta(minutes=51))  # 11:01, the 11:00 tick has passed
+    assert retried["embeddings_clip_image"] == {NEW}
+    assert "embeddings_clip_image" not in ticks(start + timedelta(minutes=52))

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_demo_resources
-from dagster import MultiPartitionKey, materialize
+from dagster import AssetKey, DagsterInstance, MultiPartitionKey, materialize
 from PIL import Image
 
-from megapairs_dagster.assets.evaluation import benchmark_scores
 from megapairs_dagster.benchmarks import evaluate
 from megapairs_dagster.benchmarks.datasets import load_cirr, load_fashioniq
 from megapairs_dagster.benchmarks.evaluate import (
@@ -24,6 +23,7 @@ from megapairs_dagster.benchmarks.evaluate import (
     evaluate_fashioniq,
 )
 from megapairs_dagster.benchmarks.readers import BenchmarkInputError, CirQuery
+from megapairs_dagster.definitions import defs
 from megapairs_dagster.resources.settings import BenchmarkData
 
 # --- a test double for the model ----------------------------------------------------------
@@ -278,9 +278,15 @@ def test_fashioniq_needs_every_category(fashioniq_folder):
 
 
 def _score_partition(tmp_path, benchmark: str, data: BenchmarkData, **kwargs):
+    """Score the base encoder's (never loaded) record with the shipped asset."""
     resources = small_demo_resources(tmp_path / "home")
     resources["benchmark_data"] = data
-    return materialize([benchmark_scores], resources=resources, **kwargs,
+    record = {"checkpoint": None,
+              "start": {"model_name": "megapairs-demo-clip", "pretrained": None, "stored": False}}
+    resources["store"].client().write_bytes("mmret_clip/base_encoder.json",
+                                            json.dumps(record).encode())
+    return materialize(list(defs.assets), selection=["benchmark_scores"], resources=resources,
+                       **kwargs,
                        partition_key=MultiPartitionKey({"benchmark": benchmark,
                                                         "model": "base_encoder"}))
 
@@ -293,9 +299,14 @@ def _score_partition(tmp_path, benchmark: str, data: BenchmarkData, **kwargs):
 ])
 def test_unconfigured_benchmark_is_skipped_naming_its_settings(tmp_path, benchmark, data,
                                                                settings):
-    result = _score_partition(tmp_path, benchmark, data)
-    (materialization,) = result.asset_materializations_for_node("benchmark_scores")
-    assert materialization.metadata["skipped"].value == f"skipped: set {settings} to score {benchmark}"
+    instance = DagsterInstance.ephemeral()
+    result = _score_partition(tmp_path, benchmark, data, instance=instance)
+    assert result.success
+    # nothing is recorded as a score: the partition stays missing, the log says why
+    assert not result.asset_materializations_for_node("benchmark_scores")
+    assert not instance.get_materialized_partitions(AssetKey("benchmark_scores"))
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert f"{benchmark} not scored: set {settings}" in messages
 
 
 def test_configured_benchmark_is_checked_before_any_model_loads(tmp_path):

@@ -2,6 +2,7 @@
 config change makes stale."""
 
 import pytest
+from conftest import deployment_with
 from dagster import AssetKey, DagsterInstance, EnvVar, materialize
 from dagster._core.definitions.data_version import (
     CachingStaleStatusResolver,
@@ -19,7 +20,7 @@ from megapairs_dagster.synthesis.views import VIEWS
 
 
 def _versions(resources: dict) -> dict[str, str]:
-    graph = build_definitions(resources).resolve_asset_graph()
+    graph = build_definitions(deployment_with(resources)).resolve_asset_graph()
     return {key.to_user_string(): graph.get(key).code_version for key in graph.get_all_asset_keys()}
 
 
@@ -75,8 +76,8 @@ def test_throughput_and_placement_settings_change_no_version(demo):
         dtype="bfloat16",
         batch_size=512,
         num_workers=8,
-        cache_dir="/elsewhere",
     )
+    changed = _with(changed, "store", cache_dir="/elsewhere")
     changed = _with(changed, "generation", batch_size=64, chunk_size=16, device="cuda")
     changed = _with(changed, "corpus_source", url="s3://bucket/copy", format="parquet")
     assert _versions(changed) == before
@@ -150,15 +151,15 @@ def test_a_changed_setting_shows_the_materialised_asset_stale_in_dagster(tmp_pat
             instance=instance,
         ).success
 
-    old = build_definitions(resources)
+    old = build_definitions(deployment_with(resources))
     assert ingest_shard(old, resources)
     assert status(old) == {name: (StaleStatus.FRESH, []) for name in ingest}
 
     moved = _with(resources, "compute", device="cuda", batch_size=8)
-    assert status(build_definitions(moved)) == {name: (StaleStatus.FRESH, []) for name in ingest}
+    assert status(build_definitions(deployment_with(moved))) == {name: (StaleStatus.FRESH, []) for name in ingest}
 
     smaller = _with(resources, "corpus_source", max_side=64)
-    new = build_definitions(smaller)
+    new = build_definitions(deployment_with(smaller))
     stale = (StaleStatus.STALE, [(StaleCauseCategory.CODE, "has a new code version")])
     assert status(new) == {name: stale for name in ingest}
 

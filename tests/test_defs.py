@@ -1,15 +1,21 @@
 """The code location loads and holds the graph the design describes."""
 
-from dagster import AssetKey
+import pytest
+from dagster import AssetKey, EnvVar
 
-from megapairs_dagster.definitions import defs
-from megapairs_dagster.resources.profiles import PROFILES, resources_for
+from megapairs_dagster.definitions import build_definitions, defs
+from megapairs_dagster.resources.profiles import (
+    PROFILES,
+    TrainingRun,
+    load_deployment,
+    resources_for,
+)
 from megapairs_dagster.synthesis.views import VIEWS
 
 PER_SHARD = {"corpus_images", "corpus_rejects"} | {
     f"{stage}_{view}" for stage in ("embeddings", "neighbors") for view in VIEWS
 }
-GLOBAL = {"base_encoders", "view_report"} | {f"knn_index_{view}" for view in VIEWS}
+GLOBAL = {"base_encoders", "image_index", "view_report"} | {f"knn_index_{view}" for view in VIEWS}
 
 
 def test_definitions_hold_every_asset_of_the_foundation():
@@ -51,16 +57,94 @@ def test_jobs_sensor_and_both_profiles_resolve():
 
 
 def test_unknown_profile_is_a_clear_error():
-    import pytest
-
     with pytest.raises(ValueError, match="unknown profile"):
         resources_for("papr")
 
 
-def test_gpu_assets_share_a_pool_and_duckdb_writers_another():
+def test_gpu_assets_share_a_pool_and_table_writers_need_none():
     graph = defs.resolve_asset_graph()
     gpu = [f"embeddings_{view}" for view in VIEWS] + ["pair_descriptions", "instructions"]
     for name in gpu:
         node = graph.get(AssetKey(name))
         assert node.pools == {"gpu"}, name
-    assert graph.get(AssetKey("triplets")).pools == {"duckdb"}
+    # each shard's triplets are its own files in the store: writers never contend
+    assert not graph.get(AssetKey("triplets")).pools
+
+
+def test_reads_of_other_shards_go_through_the_declared_image_index():
+    graph = defs.resolve_asset_graph()
+    assert graph.get(AssetKey("image_index")).parent_keys == {AssetKey("corpus_images")}
+    for name in ("pair_descriptions", "instructions", "mmret_clip", "megapairs_export"):
+        assert AssetKey("image_index") in graph.get(AssetKey(name)).parent_keys, name
+    # mining reads its own shard's neighbours only; relation statistics live in view_report
+    assert AssetKey("corpus_images") not in graph.get(AssetKey("image_pairs")).parent_keys
+
+
+def _training_runs(definitions) -> list[str]:
+    graph = definitions.resolve_asset_graph()
+    return graph.get(AssetKey("mmret_clip")).partitions_def.get_partition_keys()
+
+
+def test_each_profile_has_its_own_training_runs():
+    assert _training_runs(build_definitions(load_deployment("demo", "home"))) == [
+        "base_encoder", "demo", "demo_seed1", "demo_seed2", "demo_captions"
+    ]
+    paper = build_definitions(load_deployment("paper"))
+    assert _training_runs(paper) == ["base_encoder", "base", "large"]
+    # the scores' model dimension is exactly the runs, so each maps to one checkpoint
+    scores = paper.resolve_asset_graph().get(AssetKey("benchmark_scores")).partitions_def
+    assert "circo|large" in scores.get_partition_keys()
+    assert not any("demo_seed" in key for key in scores.get_partition_keys())
+
+
+def test_a_deployment_config_file_reaches_resources_and_runs(tmp_path, monkeypatch):
+    config = tmp_path / "megapairs.yaml"
+    config.write_text(
+        "resources:\n"
+        "  encoders:\n"
+        "    config: {clip_pretrained: /models/eva02_b16.safetensors}\n"
+        "  compute:\n"
+        "    config: {device: cpu, batch_size: 7}\n"
+        "  generation:\n"
+        "    config: {instruction_model: {env: MY_LLM}}\n"
+        "training_runs:\n"
+        "  base: {pretrained: /models/vit-b-16.pt}\n"
+        "  base_long: {start: ViT-B-16, pretrained: /models/vit-b-16.pt, seed_offset: 3}\n"
+    )
+    monkeypatch.setenv("MEGAPAIRS_CONFIG", str(config))
+    deployment = load_deployment("paper")
+    resources = deployment.resources
+    assert resources["encoders"].clip_pretrained == "/models/eva02_b16.safetensors"
+    assert resources["encoders"].clip_model == "EVA02-B-16"  # the profile's, not overridden
+    assert resources["compute"].batch_size == 7
+    assert resources["generation"].instruction_model == EnvVar("MY_LLM")
+    assert deployment.training_runs["base"] == TrainingRun("ViT-B-16", "/models/vit-b-16.pt")
+    assert deployment.training_runs["base_long"].seed_offset == 3
+    assert _training_runs(build_definitions(deployment))[-1] == "base_long"
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("resources: {encoder: {config: {}}}", "unknown resource 'encoder'"),
+        ("resources: {compute: {config: {devise: cuda}}}", "no setting \\['devise'\\]"),
+        ("training_runs: {base: {pretrain: x}}", "training_runs.base"),
+        ("stores: {}", "expected a mapping with `resources`"),
+    ],
+)
+def test_a_wrong_config_file_names_what_is_wrong(tmp_path, text, error):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        load_deployment("demo", "home", config_file=str(config))
+
+
+def test_executor_per_deployment(monkeypatch):
+    monkeypatch.delenv("MEGAPAIRS_EXECUTOR", raising=False)
+    assert load_deployment("demo", "home").executor_definition().name == "in_process"
+    assert load_deployment("paper").executor_definition().name == "multiprocess"
+    monkeypatch.setenv("MEGAPAIRS_EXECUTOR", "k8s")
+    assert load_deployment("demo", "home").executor_definition().name == "k8s"
+    monkeypatch.setenv("MEGAPAIRS_EXECUTOR", "slurm")
+    with pytest.raises(ValueError, match="MEGAPAIRS_EXECUTOR='slurm'"):
+        load_deployment("paper")

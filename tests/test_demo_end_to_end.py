@@ -27,7 +27,7 @@ def reduced_stages():
     stages = []
     for stage in STAGES:
         if stage.assets == ("mmret_clip",):
-            stage = dataclasses.replace(stage, keys=RUNS)
+            stage = dataclasses.replace(stage, keys=("base_encoder", *RUNS))
         elif stage.assets == ("benchmark_scores",):
             stage = dataclasses.replace(
                 stage, keys=tuple(f"demo_cir|{m}" for m in ("base_encoder", *RUNS))
@@ -53,7 +53,7 @@ def reduced_demo(tmp_path_factory):
         list(defs.assets), resources, DagsterInstance.ephemeral(), shard_keys,
         stages=reduced_stages(), log=lambda _: None,
     )
-    return TripletStore(resources["triplet_db"].path).scores_frame()
+    return TripletStore(resources["store"].client()).scores_frame()
 
 
 def test_training_on_mined_triplets_beats_the_base_encoder(reduced_demo):

@@ -106,6 +106,6 @@ def test_four_shards_write_triplets_at_once_without_lock_errors(mined):
     expected = sum(
         len(load_artifact(store, artifact_relpath(["instructions"], shard))) for shard in SHARDS
     )
-    database = TripletStore(resources["triplet_db"].path)
+    database = TripletStore(resources["store"].client())
     assert database.counts()["triplets"] == expected
     assert database.counts()["shards"] == 4 and database.duplicate_pairs() == 0

@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import SMALL_SHARD, small_demo_resources
-from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    MultiPartitionKey,
+    build_sensor_context,
+    materialize,
+)
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.loader import LoadingContextForTest
 
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
@@ -132,10 +140,10 @@ def test_sensor_adds_partitions_for_new_shards_only(tmp_path):
     assert result.dynamic_partitions_requests[0].partition_keys == ["00001"]
 
 
-def test_triplets_land_in_duckdb_and_rematerialising_a_shard_keeps_the_count(two_shard_run):
+def test_triplets_land_in_the_store_and_rematerialising_a_shard_keeps_the_count(two_shard_run):
     _, resources, instance, _ = two_shard_run
     store = resources["store"].client()
-    database = TripletStore(resources["triplet_db"].path)
+    database = TripletStore(resources["store"].client())
     counts = database.counts()
     shard_keys = sorted(instance.get_materialized_partitions(AssetKey("triplets")))
     expected = sum(
@@ -158,18 +166,21 @@ def test_export_is_readable_in_the_released_format(two_shard_run):
     assert done["megapairs_export"] == ["(global)"]
     url = resources["store"].client().url("megapairs_export", "megapairs.jsonl")
     records = list(read_megapairs(url))
-    assert len(records) == TripletStore(resources["triplet_db"].path).counts()["triplets"]
+    assert len(records) == TripletStore(resources["store"].client()).counts()["triplets"]
     for record in records[:20]:
         assert record.hns[0] == record.q_img and len(record.q_text) >= 3
         assert Path(record.resolve(record.t_img)).read_bytes()[:2] == b"\xff\xd8"  # a JPEG
 
 
-def test_training_and_scoring_record_checkpoint_and_duckdb_rows(two_shard_run):
+def test_training_and_scoring_record_checkpoint_and_score_rows(two_shard_run):
     _, resources, _, done = two_shard_run
-    assert done["mmret_clip"] == ["demo", "demo_seed1", "demo_seed2", "demo_captions"]
-    assert done["benchmark_scores"] == [
-        f"demo_cir|{run}" for run in ("base_encoder", *done["mmret_clip"])
+    assert done["mmret_clip"] == [
+        "base_encoder", "demo", "demo_seed1", "demo_seed2", "demo_captions"
     ]
+    assert done["benchmark_scores"] == [f"demo_cir|{run}" for run in done["mmret_clip"]]
+    # The zero-shot baseline trains nothing: its record names the base CLIP it scores.
+    baseline = load_artifact(resources["store"].client(), artifact_relpath(["mmret_clip"], "base_encoder"))
+    assert baseline["checkpoint"] is None and baseline["start"]["stored"]
     store = resources["store"].client()
     record = load_artifact(store, artifact_relpath(["mmret_clip"], "demo"))
     assert record["training"]["max_steps"] == 12 and record["data"]["triplets"] > 0
@@ -183,9 +194,9 @@ def test_training_and_scoring_record_checkpoint_and_duckdb_rows(two_shard_run):
     assert control["data"]["captioned_images"] == SMALL_SHARD * len(control["data"]["shards"])
     assert control["training"]["batch_size"] == 5 * record["training"]["batch_size"]
     assert control["training"]["max_steps"] == record["training"]["max_steps"]
-    scores = TripletStore(resources["triplet_db"].path).scores_frame()
+    scores = TripletStore(resources["store"].client()).scores_frame()
     overall = scores[(scores["query_group"] == "all") & (scores["metric"] == "mAP@5")]
-    assert sorted(overall["model"]) == sorted(["base_encoder", *done["mmret_clip"]])
+    assert sorted(overall["model"]) == sorted(done["mmret_clip"])
     assert all(0 <= value <= 100 for value in overall["value"])
     groups = set(scores["query_group"]) - {"all"}
     assert {"background", "colour", "shape"} <= groups
@@ -235,3 +246,26 @@ def test_one_run_can_generate_instructions_for_several_shards(two_shard_run):
         again = load_artifact(store, artifact_relpath(["instructions"], shard))
         assert again.attrs["produced_by"]["run_id"] == result.run_id
         pd.testing.assert_frame_equal(again.reset_index(drop=True), earlier.reset_index(drop=True))
+
+
+def test_retraining_one_run_marks_exactly_its_scores_stale(two_shard_run):
+    """benchmark_scores maps to the mmret_clip partition it scores, so Dagster's stale-status
+    resolver (the one behind the UI) flags the retrained run's scores and no other."""
+    _, resources, instance, _ = two_shard_run
+
+    def status() -> dict[str, StaleStatus]:
+        resolver = CachingStaleStatusResolver(
+            instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
+        )
+        return {
+            run: resolver.get_status(
+                AssetKey("benchmark_scores"), MultiPartitionKey({"benchmark": "demo_cir", "model": run})
+            )
+            for run in ("base_encoder", "demo", "demo_seed1")
+        }
+
+    assert set(status().values()) == {StaleStatus.FRESH}
+    materialize(list(defs.assets), selection=["mmret_clip"], partition_key="demo_seed1",
+                resources=resources, instance=instance)
+    assert status() == {"base_encoder": StaleStatus.FRESH, "demo": StaleStatus.FRESH,
+                        "demo_seed1": StaleStatus.STALE}

@@ -9,7 +9,6 @@ from s3_server import moto_s3
 from megapairs_dagster.artifacts import Embeddings
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
-from megapairs_dagster.resources.settings import Compute
 from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.storage import ArtifactStoreClient
 
@@ -54,8 +53,10 @@ def test_corpus_and_embeddings_round_trip_through_s3(tmp_path):
         import s3fs
 
         s3fs.S3FileSystem(**options).mkdir("artifacts")
-        remote = small_demo_resources(tmp_path, url="s3://artifacts/run", endpoint_url=endpoint)
-        remote["compute"] = Compute(num_workers=0, cache_dir=str(tmp_path / "s3-cache"))
+        remote = small_demo_resources(
+            tmp_path, url="s3://artifacts/run", endpoint_url=endpoint,
+            cache_dir=str(tmp_path / "s3-cache"),
+        )
         instance = DagsterInstance.ephemeral()
         instance.add_dynamic_partitions("shards", ["00000"])
         for step in (selection[:2], selection[2:3], selection[3:]):

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dagster import ConfigurableResource, EnvVar, map_asset_specs
 
 from megapairs_dagster.resources.settings import versioned_fields
+from megapairs_dagster.synthesis.views import VIEWS
 
 # Each generation step reads its own model; a new instruction model leaves the descriptions alone.
 _GENERATION_SHARED = (
@@ -41,13 +42,15 @@ INSTRUCT = tuple(
 )
 
 # Asset name → the settings it reads that shape its output: a resource key (all its versioned
-# settings) or "resource.setting". Assets not named here read none: embeddings, indexes and
-# neighbours take their encoder from base_encoders; triplets, the export and the scores take
+# settings) or "resource.setting". Assets not named here read none: embeddings take their
+# encoder from base_encoders; triplets, the export and the scores take
 # everything from their inputs.
 VERSIONED_SETTINGS: dict[str, tuple[str, ...]] = {
     "corpus_images": ("corpus_source",),
     "corpus_rejects": ("corpus_source",),
     "base_encoders": ("encoders",),
+    **{f"knn_index_{view}": ("indexes.memory_budget_gb", "indexes.index_spec") for view in VIEWS},
+    **{f"neighbors_{view}": ("indexes.neighbors_k",) for view in VIEWS},
     "view_report": ("mining.windows",),
     "image_pairs": ("mining",),
     "pair_descriptions": DESCRIBE,

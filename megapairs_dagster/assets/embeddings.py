@@ -20,17 +20,17 @@ def view_encoder(view: str, manifest: dict, store: ArtifactStore, compute: Compu
     """The view's encoder, loaded once per process rather than once per partition."""
     return _cached_encoder(
         view, json.dumps(manifest, sort_keys=True), store.url, store.endpoint_url,
-        compute.cache_dir, compute.device, compute.dtype,
+        store.cache_dir, compute.device, compute.dtype,
     )
 
 
 @lru_cache(maxsize=4)
 def _cached_encoder(view, manifest_json, store_url, endpoint_url, cache_dir, device, dtype):
-    client = ArtifactStore(url=store_url, endpoint_url=endpoint_url).client()
+    client = ArtifactStore(url=store_url, endpoint_url=endpoint_url, cache_dir=cache_dir).client()
     return open_view_encoder(
         view,
         json.loads(manifest_json),
-        resolve_stored=lambda rel: client.local_dir(rel, cache_dir),
+        resolve_stored=client.local_dir,
         device=device,
         dtype=dtype,
     )

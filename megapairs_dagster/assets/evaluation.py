@@ -3,22 +3,25 @@
 import io
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dagster import (
     AssetDep,
     AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
     MaterializeResult,
     MetadataValue,
     MultiPartitionsDefinition,
+    MultiToSingleDimensionPartitionMapping,
     StaticPartitionsDefinition,
     asset,
 )
 from PIL import Image
 
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
-from megapairs_dagster.assets.training import TRAINING_RUNS, open_start_model
+from megapairs_dagster.assets.training import trained_model, training_partitions
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.benchmarks.datasets import load_cirr, load_fashioniq
 from megapairs_dagster.benchmarks.evaluate import (
@@ -30,19 +33,21 @@ from megapairs_dagster.benchmarks.evaluate import (
 )
 from megapairs_dagster.benchmarks.readers import read_circo
 from megapairs_dagster.demo import write_demo_benchmark
-from megapairs_dagster.resources.settings import BenchmarkData, Compute, TripletDatabase
-from megapairs_dagster.resources.store import ArtifactStore, artifact_relpath, load_artifact
-from megapairs_dagster.retrieval import MMRetCLIP
+from megapairs_dagster.resources.profiles import TrainingRun
+from megapairs_dagster.resources.settings import BenchmarkData
+from megapairs_dagster.resources.store import ArtifactStore
 
 BENCHMARKS = ["demo_cir", "circo", "cirr", "fashioniq"]
 # The metric each benchmark's papers lead with: the one shown per query group in the metadata.
 HEADLINE_METRIC = {"demo_cir": "mAP@5", "circo": "mAP@5", "cirr": "R@1", "fashioniq": "R@10"}
-# `base_encoder` scores the untrained base (zero-shot, same fusion); the rest are MMRet runs.
-SCORED_MODELS = ["base_encoder", *TRAINING_RUNS]
-benchmark_by_model = MultiPartitionsDefinition(
-    {"benchmark": StaticPartitionsDefinition(BENCHMARKS),
-     "model": StaticPartitionsDefinition(SCORED_MODELS)}
-)
+
+
+def benchmark_by_model(runs: Mapping[str, TrainingRun]) -> MultiPartitionsDefinition:
+    """Benchmark × model, the model dimension being exactly ``mmret_clip``'s training runs, so
+    each score maps to the one checkpoint it scores."""
+    return MultiPartitionsDefinition(
+        {"benchmark": StaticPartitionsDefinition(BENCHMARKS), "model": training_partitions(runs)}
+    )
 
 
 @asset(
@@ -112,53 +117,54 @@ def _fashioniq(data: BenchmarkData) -> Scorer:
 REAL_BENCHMARKS = {"circo": _circo, "cirr": _cirr, "fashioniq": _fashioniq}
 
 
-@asset(
-    partitions_def=benchmark_by_model,
-    group_name="evaluation",
-    deps=[AssetDep("demo_benchmark"), AssetDep("mmret_clip"), AssetDep("base_encoders")],
-    code_version="1",
-    pool=GPU_POOL,
-    op_tags=GPU_TAGS,
-    description="Metrics of one model on one benchmark, as the official evaluation computes "
-    "them; also rows of the DuckDB table `benchmark_scores`. Unconfigured benchmarks are "
-    "skipped with a message naming the settings to set.",
-)
-def benchmark_scores(
-    context: AssetExecutionContext,
-    store: ArtifactStore,
-    compute: Compute,
-    benchmark_data: BenchmarkData,
-    triplet_db: TripletDatabase,
-) -> MaterializeResult:
-    keys = context.partition_key.keys_by_dimension
-    benchmark, model_name = keys["benchmark"], keys["model"]
-    unset = benchmark_data.unset(benchmark)
-    if unset:
-        message = f"skipped: set {' and '.join(unset)} to score {benchmark}"
-        context.log.warning(message)
-        return MaterializeResult(metadata={"skipped": message})
-    # Read and check the benchmark before loading a model: a missing image fails fast.
-    read = REAL_BENCHMARKS.get(benchmark)
-    score = read(benchmark_data) if read else _demo_cir(store)
-    client = store.client()
-    base_encoders = load_artifact(client, artifact_relpath(["base_encoders"], None))
-    if model_name == "base_encoder":
-        model = open_start_model("demo", base_encoders, store, compute.cache_dir)
-        checkpoint = base_encoders["clip"]["pretrained"]
-    else:
-        record = load_artifact(client, artifact_relpath(["mmret_clip"], model_name))
-        checkpoint = record["checkpoint"]
-        model = MMRetCLIP.from_pretrained(client.local_dir(checkpoint, compute.cache_dir))
-    metrics = score(model)
-    rows = triplet_store(triplet_db).replace_scores(benchmark, model_name, metrics, checkpoint)
-    overall, headline = metrics["all"], HEADLINE_METRIC[benchmark]
-    return MaterializeResult(
-        metadata={
-            **{name: float(value) for name, value in overall.items()},
-            "by_group": MetadataValue.json(
-                {group: round(values[headline], 2) for group, values in metrics.items()}
-            ),
-            "checkpoint": checkpoint,
-            "duckdb_rows": rows,
-        }
+def build_scores_asset(runs: Mapping[str, TrainingRun]) -> AssetsDefinition:
+    """``benchmark_scores`` over the deployment's training runs."""
+
+    @asset(
+        partitions_def=benchmark_by_model(runs),
+        group_name="evaluation",
+        ins={"mmret_clip": AssetIn(
+            partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
+        )},
+        deps=[AssetDep("demo_benchmark")],
+        output_required=False,
+        code_version="1",
+        pool=GPU_POOL,
+        op_tags=GPU_TAGS,
+        description="Metrics of one training run's model on one benchmark, as the official "
+        "evaluation computes them; also rows of the `benchmark_scores` table. A benchmark "
+        "whose data is not configured is skipped (nothing materialised) with a message naming "
+        "the settings to set.",
     )
+    def benchmark_scores(
+        context: AssetExecutionContext,
+        mmret_clip: dict,
+        store: ArtifactStore,
+        benchmark_data: BenchmarkData,
+    ):
+        keys = context.partition_key.keys_by_dimension
+        benchmark, model_name = keys["benchmark"], keys["model"]
+        unset = benchmark_data.unset(benchmark)
+        if unset:
+            context.log.warning(f"{benchmark} not scored: set {' and '.join(unset)}")
+            return
+        # Read and check the benchmark before loading a model: a missing image fails fast.
+        read = REAL_BENCHMARKS.get(benchmark)
+        score = read(benchmark_data) if read else _demo_cir(store)
+        model = trained_model(mmret_clip, store)
+        checkpoint = mmret_clip.get("checkpoint") or json.dumps(mmret_clip["start"])
+        metrics = score(model)
+        rows = triplet_store(store).replace_scores(benchmark, model_name, metrics, checkpoint)
+        overall, headline = metrics["all"], HEADLINE_METRIC[benchmark]
+        yield MaterializeResult(
+            metadata={
+                **{name: float(value) for name, value in overall.items()},
+                "by_group": MetadataValue.json(
+                    {group: round(values[headline], 2) for group, values in metrics.items()}
+                ),
+                "checkpoint": checkpoint,
+                "table_rows": rows,
+            }
+        )
+
+    return benchmark_scores

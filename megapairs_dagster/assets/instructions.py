@@ -11,7 +11,6 @@ import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
-    AssetDep,
     AssetExecutionContext,
     AssetIn,
     AssetOut,
@@ -19,7 +18,6 @@ from dagster import (
     multi_asset,
 )
 
-from megapairs_dagster.assets.lookup import image_rows
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Generation
@@ -39,6 +37,7 @@ from megapairs_dagster.synthesis.generation.run import (
     generate_descriptions,
     generate_instructions,
 )
+from megapairs_dagster.synthesis.image_index import read_images
 
 Tables = tuple[pd.DataFrame, pd.DataFrame]
 
@@ -58,9 +57,12 @@ def _backend_settings(generation: Generation) -> BackendSettings:
     )
 
 
-def _pair_inputs(store: ArtifactStore, pairs: pd.DataFrame, with_pixels: bool) -> list[PairInput]:
+def _pair_inputs(
+    store: ArtifactStore, index: pd.DataFrame, pairs: pd.DataFrame, with_pixels: bool
+) -> list[PairInput]:
+    """The captions (and pixels) of each pair's images, which may live in any shard."""
     ids = set(pairs["query_id"]) | set(pairs["target_id"])
-    rows = image_rows(store, ids, ["caption", "jpeg"] if with_pixels else ["caption"])
+    rows = read_images(store.client(), index, ids, ["caption", "jpeg"] if with_pixels else ["caption"])
     jpeg = rows["jpeg"] if with_pixels else None
     return [
         PairInput(
@@ -149,8 +151,7 @@ def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
         "pair_descriptions": AssetOut(description="What each pair shares and how it differs."),
         "description_rejects": AssetOut(description="Pairs whose description was rejected."),
     },
-    ins={"image_pairs": AssetIn()},
-    deps=[AssetDep("corpus_images")],
+    ins={"image_pairs": AssetIn(), "image_index": AssetIn()},
     partitions_def=shards,
     group_name="instructions",
     code_version="1",
@@ -162,6 +163,7 @@ def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
 def pair_descriptions(
     context: AssetExecutionContext,
     image_pairs,  # a DataFrame, or {shard: DataFrame} when the run spans several shards
+    image_index: pd.DataFrame,
     generation: Generation,
     store: ArtifactStore,
 ):
@@ -187,7 +189,7 @@ def pair_descriptions(
 
     rows_by_shard, rejects_by_shard = {}, {}
     for shard, shard_pairs in _per_shard(context, image_pairs).items():
-        pairs = _pair_inputs(store, shard_pairs, with_pixels=generation.backend != "template")
+        pairs = _pair_inputs(store, image_index, shard_pairs, with_pixels=generation.backend != "template")
         rows, rejects_by_shard[shard] = _chunked(
             context, store, "pair_descriptions", shard, pairs, lambda p: p.pair_id, digest,
             generation.chunk_size, work, DESCRIPTION_COLUMNS,
@@ -210,8 +212,7 @@ def pair_descriptions(
         "instructions": AssetOut(description="≥ 3 validated retrieval instructions per pair."),
         "instruction_rejects": AssetOut(description="Pairs whose LLM output was rejected."),
     },
-    ins={"pair_descriptions": AssetIn()},
-    deps=[AssetDep("corpus_images")],
+    ins={"pair_descriptions": AssetIn(), "image_index": AssetIn()},
     partitions_def=shards,
     group_name="instructions",
     code_version="1",
@@ -224,6 +225,7 @@ def pair_descriptions(
 def instructions(
     context: AssetExecutionContext,
     pair_descriptions,  # a DataFrame, or {shard: DataFrame} when the run spans several shards
+    image_index: pd.DataFrame,
     generation: Generation,
     store: ArtifactStore,
 ):
@@ -252,7 +254,7 @@ def instructions(
 
     rows_by_shard, rejects_by_shard = {}, {}
     for shard, descriptions in _per_shard(context, pair_descriptions).items():
-        pairs = _pair_inputs(store, descriptions, with_pixels=False)
+        pairs = _pair_inputs(store, image_index, descriptions, with_pixels=False)
         described = list(zip(pairs, descriptions["description"]))
         rows, rejects_by_shard[shard] = _chunked(
             context, store, "instructions", shard, described, lambda item: item[0].pair_id,

@@ -1,6 +1,8 @@
 """``knn_index_<view>`` (global) and ``neighbors_<view>`` (per shard), one pair per view."""
 
 
+import math
+
 import numpy as np
 import pandas as pd
 from dagster import (
@@ -9,16 +11,15 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetsDefinition,
-    Config,
     MetadataValue,
     Output,
     asset,
 )
-from pydantic import Field
 
 from megapairs_dagster.artifacts import Embeddings, KnnIndexArtifact
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
+from megapairs_dagster.resources.settings import Indexes
 from megapairs_dagster.synthesis.knn import (
     build_index,
     choose_index_spec,
@@ -30,21 +31,16 @@ from megapairs_dagster.synthesis.knn import (
 from megapairs_dagster.synthesis.views import VIEWS
 
 
-class KnnIndexConfig(Config):
-    memory_budget_gb: float = Field(default=8.0, description="Memory the index may take.")
-    index_spec: str = Field(
-        default="auto", description="A faiss index_factory string, or auto to choose by size."
-    )
-    recall_k: int = 20
-    recall_sample: int = Field(default=1000, description="Queries used to estimate recall.")
-    min_recall: float = Field(default=0.95, description="Asset check threshold for recall@k.")
+def index_pod_tags(indexes: Indexes) -> dict:
+    """On Kubernetes an index step's pod asks for the memory its index may take, plus room for
+    the vectors it reads (the k8s executor reads these tags for every run, however started)."""
+    memory = f"{math.ceil(indexes.memory_budget_gb * 1.5) + 4}Gi"
+    return {"dagster-k8s/config": {"container_config": {"resources": {
+        "requests": {"memory": memory}, "limits": {"memory": memory},
+    }}}}
 
 
-class NeighborsConfig(Config):
-    k: int = Field(default=20, description="Neighbours kept per image (itself excluded).")
-
-
-def build_knn_assets(view: str) -> list[AssetsDefinition]:
+def build_knn_assets(view: str, indexes: Indexes) -> list[AssetsDefinition]:
     index_name, neighbors_name = f"knn_index_{view}", f"neighbors_{view}"
 
     @asset(
@@ -53,20 +49,21 @@ def build_knn_assets(view: str) -> list[AssetsDefinition]:
         ins={"embeddings": AssetIn(f"embeddings_{view}")},
         code_version="1",
         check_specs=[AssetCheckSpec("recall_at_k", asset=index_name)],
+        op_tags=index_pod_tags(indexes),
         description=f"faiss index over every shard's {VIEWS[view]} embeddings; the type is "
         "chosen from the collection size and a memory budget.",
     )
-    def _index(context: AssetExecutionContext, config: KnnIndexConfig, embeddings: dict):
+    def _index(context: AssetExecutionContext, indexes: Indexes, embeddings: dict):
         parts: list[Embeddings] = [embeddings[key] for key in sorted(embeddings)]
         ids = np.concatenate([part.ids for part in parts])
         vectors = np.concatenate([part.vectors for part in parts])
-        spec = config.index_spec
+        spec = indexes.index_spec
         if spec == "auto":
-            budget = int(config.memory_budget_gb * 2**30)
+            budget = int(indexes.memory_budget_gb * 2**30)
             spec = choose_index_spec(len(vectors), vectors.shape[1], budget)
         index = build_index(vectors, spec)
-        recall = recall_at_k(index, vectors, k=config.recall_k, sample_size=config.recall_sample)
-        context.log.info(f"{index_name}: {spec} over {len(ids)} vectors, recall@{config.recall_k} "
+        recall = recall_at_k(index, vectors, k=indexes.recall_k, sample_size=indexes.recall_sample)
+        context.log.info(f"{index_name}: {spec} over {len(ids)} vectors, recall@{indexes.recall_k} "
                          f"{recall:.3f}")
         artifact = KnnIndexArtifact(
             ids=ids,
@@ -81,13 +78,13 @@ def build_knn_assets(view: str) -> list[AssetsDefinition]:
                 "spec": spec,
                 "vectors": len(ids),
                 "shards": len(parts),
-                f"recall@{config.recall_k}": float(recall),
+                f"recall@{indexes.recall_k}": float(recall),
             },
         )
         yield AssetCheckResult(
             check_name="recall_at_k",
-            passed=bool(recall >= config.min_recall),
-            metadata={"recall": float(recall), "threshold": config.min_recall, "spec": spec},
+            passed=bool(recall >= indexes.min_recall),
+            metadata={"recall": float(recall), "threshold": indexes.min_recall, "spec": spec},
         )
 
     @asset(
@@ -102,20 +99,20 @@ def build_knn_assets(view: str) -> list[AssetsDefinition]:
     )
     def _neighbors(
         context: AssetExecutionContext,
-        config: NeighborsConfig,
+        indexes: Indexes,
         embeddings: Embeddings,
         index: KnnIndexArtifact,
     ) -> Output[pd.DataFrame]:
         frame = search_neighbors(
             deserialize_index(index.index_bytes), index.ids, embeddings.vectors, embeddings.ids,
-            k=config.k,
+            k=indexes.neighbors_k,
         )
         top1 = [scores[0] for scores in frame["scores"] if len(scores)]
         return Output(
             frame,
             metadata={
                 "rows": len(frame),
-                "k": config.k,
+                "k": indexes.neighbors_k,
                 "index_spec": index.produced_by.get("spec", ""),
                 "top1_score_median": float(np.median(top1)) if top1 else 0.0,
                 "scores": MetadataValue.json(_score_quantiles(frame)),
@@ -132,4 +129,6 @@ def _score_quantiles(frame: pd.DataFrame) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(scores, q)), 4) for q in (5, 25, 50, 75, 95)}
 
 
-knn_assets = [definition for view in VIEWS for definition in build_knn_assets(view)]
+def knn_assets(indexes: Indexes) -> list[AssetsDefinition]:
+    """Every view's index and neighbours, the index pods sized by the deployment's budget."""
+    return [definition for view in VIEWS for definition in build_knn_assets(view, indexes)]

@@ -1,17 +1,69 @@
-"""Reading per-image facts (captions, scenes, pixels) across shards without loading it all."""
+"""``image_index`` (global): image id → shard and row, the one way to reach another shard's images.
 
-import pandas as pd
+Every step that needs images of other shards (the generation steps, training, the export)
+takes this asset as an input, so Dagster's lineage and staleness see the dependency, and a
+step reads only the row groups it needs instead of listing every shard.
+"""
 
-from megapairs_dagster.resources.store import TABLE_SUFFIX, ArtifactStore, load_columns
+import json
+
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    DagsterEventType,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from megapairs_dagster.resources.store import (
+    ArtifactStore,
+    artifact_relpath,
+    load_artifact,
+    load_columns,
+)
 from megapairs_dagster.synthesis.diagnostics import scenes_from_meta
+from megapairs_dagster.synthesis.image_index import build_image_index
+
+CORPUS = AssetKey("corpus_images")
 
 
-def ingested_shards(store: ArtifactStore) -> list[str]:
-    """Every shard whose ``corpus_images`` is in the store (targets may live in any of them)."""
-    folder = store.client().path("corpus_images")
-    if not folder.exists():
-        return []
-    return sorted(p.name[: -len(TABLE_SUFFIX)] for p in folder.iterdir() if p.name.endswith(TABLE_SUFFIX))
+@asset(
+    group_name="corpus",
+    deps=[AssetDep("corpus_images")],
+    code_version="1",
+    description="Every ingested image's shard and row in corpus_images (sorted by image id). "
+    "Rebuilt incrementally: only shards ingested since the last build are read.",
+)
+def image_index(context: AssetExecutionContext, store: ArtifactStore):
+    instance = context.instance
+    sources = instance.get_latest_storage_id_by_partition(
+        CORPUS, DagsterEventType.ASSET_MATERIALIZATION,
+        partitions=set(instance.get_dynamic_partitions("shards")),
+    )
+    previous, reuse = None, set()
+    last = instance.get_latest_materialization_event(context.asset_key)
+    if last is not None and last.asset_materialization is not None:
+        recorded = last.asset_materialization.metadata.get("sources")
+        recorded = json.loads(recorded.value) if recorded is not None else {}
+        reuse = {shard for shard, storage_id in sources.items() if recorded.get(shard) == storage_id}
+        if reuse:
+            previous = load_artifact(store.client(), artifact_relpath(["image_index"], None))
+    index = build_image_index(store.client(), sources, previous, reuse)
+    read = sorted(set(sources) - reuse)
+    context.log.info(f"image_index: {len(index)} images over {len(sources)} shards "
+                     f"({len(read)} read, {len(reuse)} reused)")
+    return Output(
+        index,
+        metadata={
+            "dagster/row_count": len(index),
+            "shards": len(sources),
+            "shards_read": len(read),
+            "duplicate_ids": int(index["image_id"].duplicated().sum()),
+            "sources": MetadataValue.text(json.dumps(sources, sort_keys=True)),
+        },
+    )
 
 
 def corpus_lookup(store: ArtifactStore, partitions: list[str]) -> tuple[dict, dict]:
@@ -19,20 +71,3 @@ def corpus_lookup(store: ArtifactStore, partitions: list[str]) -> tuple[dict, di
     table = load_columns(store.client(), "corpus_images", partitions, ["image_id", "caption", "meta"])
     captions = dict(zip(table["image_id"].astype(int), table["caption"]))
     return captions, scenes_from_meta(table["image_id"], table["meta"])
-
-
-def image_rows(store: ArtifactStore, image_ids, columns: list[str]) -> pd.DataFrame:
-    """``columns`` of the given images, indexed by image id, reading only shards that hold them."""
-    client, wanted = store.client(), {int(i) for i in image_ids}
-    frames = []
-    for shard in ingested_shards(store):
-        ids = load_columns(client, "corpus_images", [shard], ["image_id"])["image_id"]
-        if wanted.intersection(ids.astype(int)):
-            table = load_columns(client, "corpus_images", [shard], ["image_id", *columns])
-            frames.append(table[table["image_id"].isin(wanted)])
-    found = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image_id"])
-    found = found.drop_duplicates("image_id").set_index("image_id")
-    missing = wanted - set(found.index.astype(int))
-    if missing:
-        raise KeyError(f"{len(missing)} image ids are in no ingested shard, e.g. {sorted(missing)[:3]}")
-    return found

@@ -6,21 +6,15 @@ import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
-    AssetDep,
     AssetExecutionContext,
     AssetIn,
     Output,
     asset,
 )
 
-from megapairs_dagster.assets.diagnostics import relation_table
-from megapairs_dagster.assets.lookup import corpus_lookup, ingested_shards
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.plots import histogram
-from megapairs_dagster.demo.relations import RELATION_TYPES, attribute_differences
 from megapairs_dagster.resources.settings import Mining
-from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.synthesis.diagnostics import relation_shares
 from megapairs_dagster.synthesis.mining import mine_pairs
 from megapairs_dagster.synthesis.views import VIEWS
 
@@ -29,7 +23,6 @@ from megapairs_dagster.synthesis.views import VIEWS
     partitions_def=shards,
     group_name="pairs",
     ins={f"neighbors_{view}": AssetIn() for view in VIEWS},
-    deps=[AssetDep("corpus_images")],
     code_version="1",
     check_specs=[
         AssetCheckSpec("scores_inside_window", asset="image_pairs"),
@@ -39,7 +32,7 @@ from megapairs_dagster.synthesis.views import VIEWS
     description="(query, target) pairs whose similarity in at least one view lies inside that "
     "view's window, with the views that found them and hard negatives (query first).",
 )
-def image_pairs(context: AssetExecutionContext, mining: Mining, store: ArtifactStore, **neighbors):
+def image_pairs(context: AssetExecutionContext, mining: Mining, **neighbors):
     windows = mining.all_windows()
     by_view = {view: neighbors[f"neighbors_{view}"] for view in VIEWS}
     pairs = mine_pairs(
@@ -56,37 +49,15 @@ def image_pairs(context: AssetExecutionContext, mining: Mining, store: ArtifactS
         for view, score in zip(views, values):
             scores[view].append(score)
     metadata = {
-        "pairs": len(pairs),
+        "dagster/row_count": len(pairs),
         "queries": queries,
         "pairs_per_query": len(pairs) / queries if queries else 0.0,
         "queries_without_target": 1 - pairs["query_id"].nunique() / queries if queries else 0.0,
         **{f"pairs/{view}": per_view.get(view, 0) for view in VIEWS},
         "score_histogram": histogram(scores, bins=30, xlabel="similarity", title="pair scores"),
     }
-    relations = _relations_by_view(store, pairs)
-    if relations:
-        metadata["relation_types"] = relation_table(relations)
     yield Output(pairs, metadata=metadata)
     yield from _checks(pairs, windows)
-
-
-def _relations_by_view(store: ArtifactStore, pairs: pd.DataFrame) -> dict:
-    """Per finding view, how often each scene attribute differs (corpora with scenes only)."""
-    if pairs.empty:
-        return {}
-    # Targets may live in any shard: read the light columns of every ingested shard.
-    _, scenes = corpus_lookup(store, ingested_shards(store))
-    if not scenes:
-        return {}
-    result = {}
-    for view in VIEWS:
-        found = pairs[pairs["views"].map(lambda views, v=view: v in views)]
-        shares = relation_shares(
-            zip(found["query_id"], found["target_id"]), scenes, attribute_differences,
-            RELATION_TYPES,
-        )
-        result[view] = {name: shares[name] for name in RELATION_TYPES}
-    return result
 
 
 def _checks(pairs: pd.DataFrame, windows: dict[str, tuple[float, float]]):

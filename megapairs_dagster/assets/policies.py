@@ -6,11 +6,17 @@ from dagster import BackfillPolicy, Backoff, Jitter, RetryPolicy
 TRANSIENT_RETRY = RetryPolicy(max_retries=2, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
 # Assets that use an accelerator: the `gpu` pool caps them at the number of GPUs, and the
-# dagster-k8s tag turns into a GPU request when runs go to Kubernetes.
+# dagster-k8s tag turns into a GPU request when runs go to Kubernetes. A pod that requests
+# `nvidia.com/gpu` is only scheduled on nodes that have one; the toleration lets it onto GPU
+# nodes tainted `nvidia.com/gpu` (the NVIDIA GPU operator's convention). Tags, unlike run
+# config, hold for every run: launched, or started by a sensor, automation or a schedule.
 GPU_POOL = "gpu"
 GPU_TAGS = {
     "dagster-k8s/config": {
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+        "pod_spec_config": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        },
     }
 }
 

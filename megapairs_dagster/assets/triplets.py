@@ -1,6 +1,4 @@
-"""``triplets`` (per shard, DuckDB) and ``megapairs_export`` (the released MegaPairs format)."""
-
-from pathlib import Path
+"""``triplets`` (per shard, tables in the store) and ``megapairs_export`` (the released format)."""
 
 import pandas as pd
 from dagster import (
@@ -14,18 +12,17 @@ from dagster import (
     asset,
 )
 
-from megapairs_dagster.assets.lookup import image_rows
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
-from megapairs_dagster.resources.settings import TripletDatabase
 from megapairs_dagster.resources.store import ArtifactStore, artifact_relpath, load_columns
+from megapairs_dagster.synthesis.image_index import read_images
 from megapairs_dagster.synthesis.megapairs_format import write_megapairs
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 
-def triplet_store(database: TripletDatabase) -> TripletStore:
-    Path(database.path).parent.mkdir(parents=True, exist_ok=True)
-    return TripletStore(database.path, lock_timeout_s=database.lock_timeout_s)
+def triplet_store(store: ArtifactStore) -> TripletStore:
+    """The triplet, image and score tables of this deployment, kept in its artifact store."""
+    return TripletStore(store.client())
 
 
 @asset(
@@ -38,18 +35,24 @@ def triplet_store(database: TripletDatabase) -> TripletStore:
     },
     deps=[AssetDep("corpus_images")],
     code_version="1",
-    pool="duckdb",
     retry_policy=TRANSIENT_RETRY,
-    check_specs=[AssetCheckSpec("no_duplicate_pairs", asset="triplets")],
-    description="Rows of the DuckDB tables `triplets` (one per pair with instructions) and "
-    "`images`; materialising a shard replaces its rows in one transaction.",
+    check_specs=[
+        AssetCheckSpec("no_duplicate_pairs", asset="triplets"),
+        AssetCheckSpec(
+            "triplets_from_pairs", asset="triplets",
+            description="A shard with mined pairs yields at least one triplet; none means "
+            "every pair was rejected by the generation steps (see their reject tables).",
+        ),
+    ],
+    description="The shard's rows of the tables `triplets` (one per pair with instructions) "
+    "and `images`, Parquet files in the artifact store (queried through DuckDB views); a "
+    "shard's files are replaced atomically.",
 )
 def triplets(
     context: AssetExecutionContext,
     image_pairs: pd.DataFrame,
     pair_descriptions: pd.DataFrame,
     instructions: pd.DataFrame,
-    triplet_db: TripletDatabase,
     store: ArtifactStore,
 ):
     shard = context.partition_key
@@ -76,39 +79,46 @@ def triplets(
     images = load_columns(store.client(), "corpus_images", [shard], ["image_id", "caption"])
     source = store.client().url(artifact_relpath(["corpus_images"], shard) + ".parquet")
     images["uri"] = [f"{source}#image_id={image_id}" for image_id in images["image_id"]]
-    database = triplet_store(triplet_db)
-    written = database.replace_shard(shard, rows, images)
-    duplicates = database.duplicate_pairs()
-    counts = database.counts()
-    context.log.info(f"{shard}: {written['triplets_inserted']} triplets written ({counts})")
+    written = triplet_store(store).replace_shard(shard, rows, images)
+    # This shard's rows only: a shard's step never reads the others (the export checks all).
+    duplicates = int(rows.duplicated(["query_id", "target_id"]).sum())
+    context.log.info(f"{shard}: {written['triplets_inserted']} triplets written")
     yield MaterializeResult(
         metadata={
-            "triplets": written["triplets_inserted"],
+            "dagster/row_count": written["triplets_inserted"],
             "replaced": written["triplets_deleted"],
             "images": written["images_inserted"],
-            "lock_wait_s": float(written["wait_s"]),
-            "table_total": counts["triplets"],
-            "database": MetadataValue.path(str(Path(triplet_db.path).resolve())),
+            "write_s": float(written["write_s"]),
+            "tables": MetadataValue.path(store.client().url("tables")),
         }
     )
     yield AssetCheckResult(
         check_name="no_duplicate_pairs", passed=duplicates == 0, metadata={"duplicates": duplicates}
+    )
+    yield AssetCheckResult(
+        check_name="triplets_from_pairs",
+        passed=len(rows) > 0 or len(image_pairs) == 0,
+        metadata={"pairs": len(image_pairs), "triplets": len(rows)},
     )
 
 
 @asset(
     group_name="triplets",
     deps=[AssetDep("triplets")],
+    ins={"image_index": AssetIn()},
     code_version="1",
-    pool="duckdb",
+    check_specs=[AssetCheckSpec(
+        "no_duplicate_pairs_across_shards", asset="megapairs_export",
+        description="No (query, target) pair in the triplets of two shards.",
+    )],
     description="All triplets in the released MegaPairs format (q_img, q_text, t_img, hns with "
     "the query first) as jsonl and parquet, with every image they reference.",
 )
-def megapairs_export(triplet_db: TripletDatabase, store: ArtifactStore) -> MaterializeResult:
-    frame = triplet_store(triplet_db).triplets_frame()
+def megapairs_export(store: ArtifactStore, image_index: pd.DataFrame):
+    frame = triplet_store(store).triplets_frame()
     ids = set(frame["query_id"]) | set(frame["target_id"])
     ids |= {i for negatives in frame["hard_negative_ids"] for i in negatives}
-    jpegs = image_rows(store, ids, ["jpeg"])["jpeg"] if ids else {}
+    jpegs = read_images(store.client(), image_index, ids, ["jpeg"])["jpeg"] if ids else {}
     client = store.client()
     counts = write_megapairs(
         frame,
@@ -116,7 +126,7 @@ def megapairs_export(triplet_db: TripletDatabase, store: ArtifactStore) -> Mater
         image_bytes=lambda image_id: jpegs[image_id],
         storage_options=client.storage_options,
     )
-    return MaterializeResult(
+    yield MaterializeResult(
         metadata={
             "records": counts["records"],
             "images": counts["images"],
@@ -124,4 +134,9 @@ def megapairs_export(triplet_db: TripletDatabase, store: ArtifactStore) -> Mater
             "jsonl": MetadataValue.path(counts["jsonl_url"]),
             "parquet": MetadataValue.path(counts["parquet_url"]),
         }
+    )
+    duplicates = int(frame.duplicated(["query_id", "target_id"]).sum())
+    yield AssetCheckResult(
+        check_name="no_duplicate_pairs_across_shards", passed=duplicates == 0,
+        metadata={"duplicates": duplicates, "shards": int(frame["shard"].nunique())},
     )

@@ -12,10 +12,18 @@ the ``AutomationCondition`` attached here to each asset, keyed by asset name, an
   old shards (Dagster still shows them as stale; the nightly schedule in
   ``schedules.py`` and explicit backfills are how stale partitions get refreshed). Per-shard
   steps whose dependencies are requested on the same tick share one run.
+- **retries**: a partition whose run failed is requested again once an hour, on the hour
+  (``RETRY_CRON``), while it stays missing: a transient fault (a node lost, a model server
+  restarting) heals by itself, and a configuration error fixed in the deployment config is
+  picked up within the hour. Each retry is one request; a run that keeps failing shows in the
+  UI as one failed run per hour, never a tight loop.
 - ``neighbors_<view>`` additionally waits until ``knn_index_<view>`` was materialised *after*
   the shard's ``embeddings_<view>`` (so the index searched already holds the shard) and is not
   being rebuilt.
-- ``knn_index_*``, ``view_report``, ``megapairs_export``: eager — rebuilt once after any
+- ``pair_descriptions`` and ``instructions`` (and their reject tables) also wait until
+  ``image_index`` was materialised after the shard's ``corpus_images``: they read the images
+  of every pair, which may live in other shards, through it.
+- ``image_index``, ``knn_index_*``, ``view_report``, ``megapairs_export``: eager — rebuilt once after any
   dependency partition updates, when no dependency is missing, in progress or about to run.
 - ``base_encoders`` is the baseline: materialised automatically once, when it is missing and at
   least one shard has been ingested; never retrained by automation (launch it explicitly).
@@ -95,17 +103,28 @@ def _ready() -> AutomationCondition:
     )
 
 
+RETRY_CRON = "0 * * * *"
+
+
 def _missing_not_tried() -> AutomationCondition:
-    """Missing, and neither requested since it was last materialised nor failed."""
+    """Missing, and neither requested since it was last materialised (or since the last retry
+    tick) nor failed, unless a retry tick has just passed."""
     # Plain `missing`, not `on_missing()`: on_missing ignores what is already missing on the
-    # sensor's first evaluation (a shard added just before it would never run). A failed
-    # execution is not retried in a loop; the nightly schedule or a backfill retries it.
+    # sensor's first evaluation (a shard added just before it would never run).
     # Requested once is enough. Dagster reads a partition's "materialised" and "in progress" in
     # separate queries, so one that is materialised while a tick is evaluated can look missing
     # and idle to that tick, which asked for it again (a second `triplets` run in a server
-    # test). A requested partition is not requested again until it is seen materialised.
-    requested = AutomationCondition.newly_requested().since(~AutomationCondition.missing())
-    return AutomationCondition.missing() & ~AutomationCondition.execution_failed() & ~requested
+    # test). A requested partition is not requested again until it is seen materialised, or
+    # the hourly retry tick passes.
+    retry = AutomationCondition.cron_tick_passed(RETRY_CRON, "UTC")
+    requested = AutomationCondition.newly_requested().since(
+        ~AutomationCondition.missing() | retry
+    )
+    return (
+        AutomationCondition.missing()
+        & ~requested
+        & (~AutomationCondition.execution_failed() | retry)
+    )
 
 
 def missing_partition(global_deps: Iterable[str] = ()) -> AutomationCondition:
@@ -149,13 +168,19 @@ def automation_conditions() -> dict[str, AutomationCondition]:
         conditions[f"neighbors_{view}"] = (
             missing_partition(global_deps=[index]) & UpdatedAfter(index, embeddings)
         ).with_label("missing_partition_with_fresh_index")
-    for name in ("image_pairs", "pair_descriptions", "description_rejects", "instructions",
-                 "instruction_rejects", "triplets"):
+    conditions["image_index"] = rebuild_after_updates(["corpus_images"])
+    for name in ("image_pairs", "triplets"):
         conditions[name] = missing_partition()
+    for name in ("pair_descriptions", "description_rejects", "instructions",
+                 "instruction_rejects"):
+        conditions[name] = (
+            missing_partition(global_deps=["image_index"])
+            & UpdatedAfter("image_index", "corpus_images")
+        ).with_label("missing_partition_with_fresh_image_index")
     conditions["view_report"] = rebuild_after_updates(
         ["corpus_images", *(f"neighbors_{view}" for view in VIEWS)]
     )
-    conditions["megapairs_export"] = rebuild_after_updates(["triplets"])
+    conditions["megapairs_export"] = rebuild_after_updates(["triplets", "image_index"])
     return conditions
 
 

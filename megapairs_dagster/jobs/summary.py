@@ -70,7 +70,7 @@ def format_summary(summary: dict) -> str:
     lines.append(f"instructions: {summary['instructions']} pairs with ≥ 3 instructions")
     if "triplets" in summary:
         lines.append(
-            f"DuckDB triplets: {summary['triplets']['triplets']} rows over "
+            f"triplets: {summary['triplets']['triplets']} rows over "
             f"{summary['triplets']['shards']} shards; export: {summary['export']}"
         )
     views = summary["views"]
@@ -118,7 +118,8 @@ def training_reports(store: ArtifactStoreClient, runs: Sequence[str]) -> dict[st
             record = load_artifact(store, artifact_relpath(["mmret_clip"], run))
         except FileNotFoundError:
             continue
-        reports[run] = record["report"]
+        if "report" in record:  # a zero-step run (the base encoder) trained nothing
+            reports[run] = record["report"]
     return reports
 
 
@@ -155,7 +156,7 @@ def format_scores(
     control: str | None = None,
     training: dict[str, dict] | None = None,
 ) -> str:
-    """Benchmark rows from DuckDB as one table per benchmark: a line per model with its
+    """Rows of the benchmark_scores table as one table per benchmark: a line per model with its
     training time and speed (from ``training``), the benchmark's overall metrics and its
     headline metric per query group; then, when ``seeds`` are given, their mean and how many
     of them beat the baseline and the control."""

@@ -1,13 +1,30 @@
-"""Resources per profile, chosen in one place.
+"""Deployments: a profile's resources, training runs and executor, chosen in one place.
 
 ``demo`` (default) runs offline on a laptop CPU over the procedural demo corpus; ``paper``
-uses the MegaPairs paper's encoders and a corpus/store given by environment variables.
+uses the MegaPairs paper's encoders and a corpus and store given by environment variables.
+
+A deployment's own settings (models, devices, paths, windows, backends, extra training runs)
+go in one YAML file named by ``MEGAPAIRS_CONFIG``. It is merged into the profile when the code
+location loads, so every run reads it: runs started by sensors, automation and schedules as
+much as launched ones (``-c run_config.yaml`` stays for one-off overrides). The executor comes
+from ``MEGAPAIRS_EXECUTOR``.
 """
 
+from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
-from dagster import EnvVar, ExecutorDefinition, in_process_executor
+import yaml
+from dagster import (
+    ConfigurableResource,
+    EnvVar,
+    ExecutorDefinition,
+    in_process_executor,
+    multiprocess_executor,
+)
 
 from megapairs_dagster.resources.settings import (
     BenchmarkData,
@@ -15,14 +32,19 @@ from megapairs_dagster.resources.settings import (
     CorpusSource,
     Encoders,
     Generation,
+    Indexes,
     Mining,
     Training,
-    TripletDatabase,
 )
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.synthesis.encoders import DEMO_DINO_IMAGE_SIZE
 
 PROFILES = ("demo", "paper")
+EXECUTORS = ("in_process", "multiprocess", "k8s")
+# The demo runs each run's steps in one process: a step subprocess re-imports torch and costs
+# 10–15 s on a laptop, more than the demo's steps themselves.
+DEFAULT_EXECUTOR = {"demo": "in_process", "paper": "multiprocess"}
+CONFIG_ENV = "MEGAPAIRS_CONFIG"
 
 # Demo windows come from the demo encoders' score distributions (docs/demo.md): the demo CLIP
 # spreads top-20 scores over ~0.6–0.98, the random-weight DINOv2 squeezes them into ~0.985–0.999.
@@ -32,63 +54,202 @@ DEMO_WINDOWS = {
     "clip_caption": [0.85, 0.99],
 }
 
+BASE_ENCODER = "base_encoder"
 
-def executor_for(profile: str | None = None) -> ExecutorDefinition | None:
-    """The demo runs each run's steps in one process: a step subprocess re-imports torch and
-    costs 10–15 s on a laptop, more than the demo's steps themselves. Other profiles keep
-    Dagster's default (multiprocess, or the k8s executor selected in run config)."""
+
+class DeploymentConfigError(ValueError):
+    """A deployment config file names an unknown resource, setting or run field."""
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One partition of ``mmret_clip``: the model it starts from, its data and its seed.
+
+    ``start`` is ``base_encoder`` (the CLIP that ``base_encoders`` pinned) or an open_clip
+    model name, with ``pretrained`` a tag, a weights file or a directory. ``data="none"``
+    trains nothing: the start model itself, scored as the zero-shot baseline.
+    """
+
+    start: str = BASE_ENCODER
+    pretrained: str | None = None
+    data: Literal["triplets", "captions", "none"] = "triplets"
+    seed_offset: int = 0  # added to the Training resource's seed
+
+
+ZERO_SHOT = TrainingRun(data="none")
+# The demo trains its base CLIP on three seeds and once on captions alone with the same
+# compute: the control that shows what the mined triplets add beyond more training.
+DEMO_SEEDS = ("demo", "demo_seed1", "demo_seed2")
+DEMO_CONTROL = "demo_captions"
+DEMO_RUNS = {
+    BASE_ENCODER: ZERO_SHOT,
+    **{name: TrainingRun(seed_offset=offset) for offset, name in enumerate(DEMO_SEEDS)},
+    DEMO_CONTROL: TrainingRun(data="captions"),
+}
+# The paper's MMRet-CLIP sizes, from OpenAI's CLIP; a deployment config points them at local
+# weights (``training_runs: {base: {pretrained: /models/vit-b-16.pt}}``) or adds runs.
+PAPER_RUNS = {
+    BASE_ENCODER: ZERO_SHOT,
+    "base": TrainingRun("ViT-B-16", "openai"),
+    "large": TrainingRun("ViT-L-14", "openai"),
+}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    profile: str
+    resources: dict[str, Any]
+    training_runs: dict[str, TrainingRun]
+    executor: str = "in_process"
+    config_file: str | None = field(default=None)
+
+    def executor_definition(self) -> ExecutorDefinition:
+        if self.executor == "in_process":
+            return in_process_executor
+        if self.executor == "multiprocess":
+            return multiprocess_executor
+        try:
+            from dagster_k8s import k8s_job_executor
+        except ImportError as error:
+            raise ImportError(
+                "MEGAPAIRS_EXECUTOR=k8s needs dagster-k8s: install the package with its "
+                "`deploy` extra (pip install 'megapairs-dagster[deploy]')"
+            ) from error
+        return k8s_job_executor
+
+
+def _demo(home: str) -> tuple[dict[str, dict], dict[str, TrainingRun]]:
+    settings = {
+        "store": {"url": f"{home}/artifacts"},
+        "corpus_source": {"url": f"{home}/demo_corpus", "format": "webdataset"},
+        "encoders": {
+            "mode": "bootstrap", "dino_image_size": DEMO_DINO_IMAGE_SIZE,
+            # MEGAPAIRS_BOOTSTRAP_SECONDS shortens the demo CLIP training (server tests use 5 s).
+            "bootstrap_max_seconds": float(os.environ.get("MEGAPAIRS_BOOTSTRAP_SECONDS", "240")),
+        },
+        "mining": {"windows": DEMO_WINDOWS},
+        # Demo instructions state at most two changes; see docs/demo.md for the measured effect.
+        "generation": {"backend": "template", "max_caption_changes": 2},
+        "training": {"max_steps": 300, "learning_rate": 3e-5, "caption_loss_weight": 4.0,
+                     "cache_images": 20_000},
+    }
+    return settings, DEMO_RUNS
+
+
+def _paper() -> tuple[dict[str, dict], dict[str, TrainingRun]]:
+    settings = {
+        "store": {"url": EnvVar("MEGAPAIRS_STORE_URL")},
+        "corpus_source": {"url": EnvVar("MEGAPAIRS_CORPUS_URL")},
+        "encoders": {
+            "mode": "pretrained", "clip_model": "EVA02-B-16",
+            "clip_pretrained": "merged2b_s8b_b131k", "dino_model": "facebook/dinov2-base",
+            "foreground_only": False,
+        },
+        "generation": {
+            "backend": "transformers", "description_model": EnvVar("MEGAPAIRS_MLLM"),
+            "instruction_model": EnvVar("MEGAPAIRS_LLM"), "device": "cuda", "dtype": "bfloat16",
+        },
+        "training": {"learning_rate": 5e-6, "caption_loss_weight": 0.0, "max_steps": 10_000,
+                     "batch_size": 256},
+    }
+    return settings, PAPER_RUNS
+
+
+RESOURCE_TYPES: dict[str, type[ConfigurableResource]] = {
+    "store": ArtifactStore,
+    "corpus_source": CorpusSource,
+    "encoders": Encoders,
+    "compute": Compute,
+    "indexes": Indexes,
+    "mining": Mining,
+    "generation": Generation,
+    "benchmark_data": BenchmarkData,
+    "training": Training,
+}
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A deployment config: ``resources: {key: {config: {...}}}`` and ``training_runs``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{CONFIG_ENV}={path}: no such file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or set(data) - {"resources", "training_runs"}:
+        raise DeploymentConfigError(
+            f"{path}: expected a mapping with `resources` and/or `training_runs`, "
+            f"got keys {sorted(data) if isinstance(data, dict) else type(data).__name__}"
+        )
+    return data
+
+
+def _value(value: Any) -> Any:
+    """``{env: NAME}`` in a config file is an environment variable, as in Dagster run config."""
+    if isinstance(value, dict) and set(value) == {"env"}:
+        return EnvVar(value["env"])
+    return value
+
+
+def _merge_resources(settings: dict[str, dict], overrides: dict, source: str) -> dict[str, dict]:
+    merged = {key: dict(values) for key, values in settings.items()}
+    for key, entry in (overrides or {}).items():
+        if key not in RESOURCE_TYPES:
+            raise DeploymentConfigError(f"{source}: unknown resource {key!r}; expected one of "
+                             f"{sorted(RESOURCE_TYPES)}")
+        values = entry.get("config", {}) if isinstance(entry, dict) else None
+        if not isinstance(values, dict):
+            raise DeploymentConfigError(
+                f"{source}: resources.{key} must be {{config: {{setting: value}}}}"
+            )
+        known = RESOURCE_TYPES[key].model_fields
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise DeploymentConfigError(f"{source}: resources.{key} has no setting {unknown}; "
+                             f"settings are {sorted(known)}")
+        merged.setdefault(key, {}).update({name: _value(v) for name, v in values.items()})
+    return merged
+
+
+def _merge_runs(runs: dict[str, TrainingRun], overrides: dict, source: str) -> dict:
+    merged = dict(runs)
+    for name, values in (overrides or {}).items():
+        if not isinstance(values, dict):
+            raise DeploymentConfigError(
+                f"{source}: training_runs.{name} must be a mapping of settings"
+            )
+        try:
+            merged[name] = TrainingRun(**{**merged.get(name, TrainingRun()).__dict__, **values})
+        except TypeError as error:
+            raise DeploymentConfigError(f"{source}: training_runs.{name}: {error}") from error
+    return merged
+
+
+def load_deployment(
+    profile: str | None = None, home: str | None = None, config_file: str | None = None
+) -> Deployment:
+    """The deployment the environment describes (``MEGAPAIRS_PROFILE``, ``MEGAPAIRS_HOME``,
+    ``MEGAPAIRS_CONFIG``, ``MEGAPAIRS_EXECUTOR``), or the one given by arguments."""
     profile = profile or os.environ.get("MEGAPAIRS_PROFILE", "demo")
-    return in_process_executor if profile == "demo" else None
-
-
-def resources_for(profile: str | None = None, home: str | None = None) -> dict:
-    profile = profile or os.environ.get("MEGAPAIRS_PROFILE", "demo")
-    home = home or os.environ.get("MEGAPAIRS_HOME", "data")
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
     if profile == "demo":
-        store = ArtifactStore(url=f"{home}/artifacts")
-        corpus = CorpusSource(url=f"{home}/demo_corpus", format="webdataset")
-        encoders = Encoders(
-            mode="bootstrap", dino_image_size=DEMO_DINO_IMAGE_SIZE,
-            # MEGAPAIRS_BOOTSTRAP_SECONDS shortens the demo CLIP training (server tests use 5 s).
-            bootstrap_max_seconds=float(os.environ.get("MEGAPAIRS_BOOTSTRAP_SECONDS", "240")),
-        )
-        mining = Mining(windows=DEMO_WINDOWS)
-        # Demo instructions state at most two changes; see docs/demo.md for the measured effect.
-        generation = Generation(backend="template", max_caption_changes=2)
-        training = Training(
-            max_steps=300, learning_rate=3e-5, caption_loss_weight=4.0, cache_images=20_000
-        )
+        settings, runs = _demo(home or os.environ.get("MEGAPAIRS_HOME", "data"))
     else:
-        store = ArtifactStore(url=EnvVar("MEGAPAIRS_STORE_URL"))
-        corpus = CorpusSource(url=EnvVar("MEGAPAIRS_CORPUS_URL"))
-        encoders = Encoders(
-            mode="pretrained",
-            clip_model="EVA02-B-16",
-            clip_pretrained="merged2b_s8b_b131k",
-            dino_model="facebook/dinov2-base",
-            foreground_only=False,
-        )
-        mining = Mining()
-        generation = Generation(
-            backend="transformers",
-            description_model=EnvVar("MEGAPAIRS_MLLM"),
-            instruction_model=EnvVar("MEGAPAIRS_LLM"),
-            device="cuda",
-            dtype="bfloat16",
-        )
-        training = Training(learning_rate=5e-6, caption_loss_weight=0.0, max_steps=10_000,
-                            batch_size=256)
-    return {
-        "store": store,
-        "io_manager": ArtifactIOManager(store=store),
-        "corpus_source": corpus,
-        "encoders": encoders,
-        "compute": Compute(cache_dir=f"{home}/cache"),
-        "mining": mining,
-        "generation": generation,
-        "triplet_db": TripletDatabase(path=f"{home}/megapairs.duckdb"),
-        "benchmark_data": BenchmarkData(),
-        "training": training,
+        settings, runs = _paper()
+    config_file = config_file or os.environ.get(CONFIG_ENV) or None
+    if config_file:
+        data = read_config_file(config_file)
+        settings = _merge_resources(settings, data.get("resources"), str(config_file))
+        runs = _merge_runs(runs, data.get("training_runs"), str(config_file))
+    executor = os.environ.get("MEGAPAIRS_EXECUTOR") or DEFAULT_EXECUTOR[profile]
+    if executor not in EXECUTORS:
+        raise ValueError(f"MEGAPAIRS_EXECUTOR={executor!r}; expected one of {EXECUTORS}")
+    resources: dict[str, Any] = {
+        key: RESOURCE_TYPES[key](**settings.get(key, {})) for key in RESOURCE_TYPES
     }
+    resources["io_manager"] = ArtifactIOManager(store=resources["store"])
+    return Deployment(profile, resources, runs, executor, config_file)
+
+
+def resources_for(profile: str | None = None, home: str | None = None) -> dict:
+    """The resources of a deployment (see ``load_deployment``)."""
+    return load_deployment(profile, home).resources

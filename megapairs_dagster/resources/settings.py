@@ -74,9 +74,6 @@ class Compute(ConfigurableResource):
     dtype: Literal["float32", "bfloat16", "float16"] = unversioned("float32")
     batch_size: int = unversioned(64)
     num_workers: int = unversioned(1, description="DataLoader workers decoding images.")
-    cache_dir: str = unversioned(
-        "data/cache", description="Local copy of encoder weights kept in a remote store."
-    )
 
 
 class Mining(ConfigurableResource):
@@ -102,6 +99,23 @@ class Mining(ConfigurableResource):
         if not 0 <= low < high <= 1:
             raise ValueError(f"window for {view} must satisfy 0 <= low < high <= 1, got {low, high}")
         return low, high
+
+
+class Indexes(ConfigurableResource):
+    """The global KNN indexes and the neighbour search: settings every index build reads,
+    whether a launched run, automation or a schedule starts it."""
+
+    memory_budget_gb: float = Field(
+        default=8.0, description="Memory an index may take; it decides the faiss index type "
+        "(and, on Kubernetes, the memory the index step's pod requests).",
+    )
+    index_spec: str = Field(
+        default="auto", description="A faiss index_factory string, or auto to choose by size."
+    )
+    neighbors_k: int = Field(default=20, description="Neighbours kept per image (itself excluded).")
+    recall_k: int = unversioned(20)
+    recall_sample: int = unversioned(1000, description="Queries used to estimate recall.")
+    min_recall: float = unversioned(0.95, description="Asset check threshold for recall@k.")
 
 
 class Generation(ConfigurableResource):
@@ -137,15 +151,6 @@ class Generation(ConfigurableResource):
     seed: int = 0
     min_parse_rate: float = unversioned(
         0.9, description="Asset check: share of pairs that must yield instructions."
-    )
-
-
-class TripletDatabase(ConfigurableResource):
-    """The DuckDB file holding the ``triplets`` and ``images`` tables (one writer at a time)."""
-
-    path: str = unversioned("data/megapairs.duckdb", description="Local DuckDB file.")
-    lock_timeout_s: float = unversioned(
-        900, description="How long a writer waits for another process's write."
     )
 
 

@@ -24,6 +24,9 @@ from megapairs_dagster.storage import ArtifactStoreClient
 
 TABLE_SUFFIX = ".parquet"
 JSON_SUFFIX = ".json"
+# Small row groups let a reader fetch a few rows of a shard (synthesis/image_index.py) with
+# ranged reads instead of the whole table: a shard of images is hundreds of megabytes.
+ROW_GROUP_ROWS = 256
 
 
 class ArtifactStore(ConfigurableResource):
@@ -37,12 +40,16 @@ class ArtifactStore(ConfigurableResource):
     endpoint_url: str | None = unversioned(
         None, description="S3-compatible endpoint (MinIO, moto); None for AWS."
     )
+    cache_dir: str | None = unversioned(
+        None, description="Local copies of a remote store's model folders; default: one "
+        "folder per store URL under ~/.cache/megapairs (a local store is read in place).",
+    )
 
     def storage_options(self) -> dict[str, Any]:
         return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
 
     def client(self) -> ArtifactStoreClient:
-        return ArtifactStoreClient(self.url, self.storage_options())
+        return ArtifactStoreClient(self.url, self.storage_options(), self.cache_dir)
 
 
 def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
@@ -51,7 +58,7 @@ def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
     metadata = dict(table.schema.metadata or {})
     metadata[b"megapairs.produced_by"] = json.dumps(produced_by).encode()
     buffer = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(metadata), buffer)
+    pq.write_table(table.replace_schema_metadata(metadata), buffer, row_group_size=ROW_GROUP_ROWS)
     return buffer.getvalue()
 
 
