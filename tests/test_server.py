@@ -19,7 +19,8 @@ from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.views import VIEWS
 
 PER_SHARD = [*INGEST_AND_EMBED, *AFTER_INDEX]
-GLOBAL = ["base_encoders", *(f"knn_index_{v}" for v in VIEWS), "view_report", "megapairs_export"]
+GLOBAL = ["base_encoders", "image_index", *(f"knn_index_{v}" for v in VIEWS), "view_report",
+          "megapairs_export"]
 
 
 @pytest.fixture(scope="module")
