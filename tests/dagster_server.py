@@ -4,6 +4,9 @@ The server gets a temporary DAGSTER_HOME (config/dagster.yaml copied in) and a M
 holding a small demo corpus; the demo CLIP bootstrap is shortened and the automation sensor
 ticks every few seconds. `stop()` kills the whole process group (webserver, daemon, code
 server, run workers), also when the test fails.
+
+`DagsterDev` is the same without the demo setup: any DAGSTER_HOME, environment, working
+directory and command line (the paper rehearsal starts the README's `make ui` with it).
 """
 
 import json
@@ -33,44 +36,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class DagsterServer:
-    def __init__(self, root: Path, shards: int = 1):
-        self.root = root
-        self.dagster_home = root / "dagster_home"
-        self.megapairs_home = root / "home"
-        self.corpus = self.megapairs_home / "demo_corpus"
-        self.dagster_home.mkdir(parents=True)
-        shutil.copy(REPO / "config" / "dagster.yaml", self.dagster_home / "dagster.yaml")
-        for shard in range(shards):
-            self.add_shard(shard)
-        self.port = free_port()
+class DagsterDev:
+    """A process that serves `dagster dev` on ``port`` (the default command, or any shell
+    command line such as ``make ui``) with its own environment, working directory and
+    DAGSTER_HOME; the helpers read the instance it writes to."""
+
+    def __init__(self, dagster_home: Path, env: dict[str, str], log_path: Path, *,
+                 port: int | None = None, command: str | None = None, cwd: Path = REPO):
+        self.dagster_home = dagster_home
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "dagster_dev.log"
+        self._env = env
+        self.command = command
+        self.cwd = cwd
+        self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self._instance: DagsterInstance | None = None
-
-    def add_shard(self, index: int) -> None:
-        write_demo_shard(self.corpus, index, IMAGES_PER_SHARD, seed=0)
 
     @property
     def env(self) -> dict[str, str]:
         """The environment the server runs in; CLI commands against it need the same."""
-        return {
-            **os.environ,
-            "DAGSTER_HOME": str(self.dagster_home),
-            "MEGAPAIRS_HOME": str(self.megapairs_home),
-            "MEGAPAIRS_PROFILE": "demo",
-            "MEGAPAIRS_BOOTSTRAP_SECONDS": "5",
-            "MEGAPAIRS_AUTOMATION_INTERVAL_SECONDS": "5",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        return self._env
+
+    def argv(self) -> list[str]:
+        if self.command is not None:
+            return ["bash", "-c", self.command]
+        return [str(DAGSTER), "dev", "-h", "127.0.0.1", "-p", str(self.port), "-w", "workspace.yaml"]
 
     def start(self, timeout: float = 120) -> None:
         log = open(self.log_path, "wb")  # noqa: SIM115 (closed by the child's exit)
         self.process = subprocess.Popen(
-            [str(DAGSTER), "dev", "-h", "127.0.0.1", "-p", str(self.port), "-w", "workspace.yaml"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            self.argv(), cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
             # a child of a non-interactive shell may inherit "ignore SIGINT"; dagster dev maps
             # SIGTERM to its SIGINT handler, so restore the default or it cannot be stopped
@@ -102,7 +98,10 @@ class DagsterServer:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-            time.sleep(1)
+            # `make ui` exits at once on SIGTERM; wait for the dagster processes of its group
+            deadline = time.monotonic() + 30
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.5)
             if _group_alive(pgid):
                 os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
@@ -152,6 +151,37 @@ class DagsterServer:
                 raise AssertionError(f"dagster dev exited while waiting for {what}:\n{self.log_tail()}")
             time.sleep(poll)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.log_tail()}")
+
+
+class DagsterServer(DagsterDev):
+    """`dagster dev` on the demo profile with a temporary DAGSTER_HOME and demo corpus."""
+
+    def __init__(self, root: Path, shards: int = 1):
+        self.root = root
+        self.megapairs_home = root / "home"
+        self.corpus = self.megapairs_home / "demo_corpus"
+        super().__init__(root / "dagster_home", {}, root / "dagster_dev.log")
+        self.dagster_home.mkdir(parents=True)
+        shutil.copy(REPO / "config" / "dagster.yaml", self.dagster_home / "dagster.yaml")
+        for shard in range(shards):
+            self.add_shard(shard)
+
+    def add_shard(self, index: int) -> None:
+        write_demo_shard(self.corpus, index, IMAGES_PER_SHARD, seed=0)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the server runs in; CLI commands against it need the same."""
+        return {
+            **os.environ,
+            "DAGSTER_HOME": str(self.dagster_home),
+            "MEGAPAIRS_HOME": str(self.megapairs_home),
+            "MEGAPAIRS_PROFILE": "demo",
+            "MEGAPAIRS_BOOTSTRAP_SECONDS": "5",
+            "MEGAPAIRS_AUTOMATION_INTERVAL_SECONDS": "5",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
 
 
 def _group_alive(pgid: int) -> bool:
