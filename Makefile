@@ -14,7 +14,7 @@ else
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_$(MEGAPAIRS_PROFILE)
 endif
 
-.PHONY: install demo test ui lint bench clean
+.PHONY: install demo test test-fast ui lint bench clean
 
 # constraints.txt pins every package (torch 2.14.1 + torchvision 0.29.1 is the pair that
 # installs and imports cleanly here), so a fresh install resolves fast and reproducibly.
@@ -34,6 +34,10 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 
 test: install
 	$(PY) -m pytest
+
+# Everything but the paper-profile rehearsal (about 12 minutes of its own).
+test-fast: install
+	$(PY) -m pytest -m "not rehearsal"
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(PORT) -w workspace.yaml
