@@ -14,7 +14,12 @@ from megapairs_dagster.assets import (
     triplets,
 )
 from megapairs_dagster.assets.code_versions import with_config_versions
-from megapairs_dagster.assets.evaluation import build_scores_asset, demo_benchmark
+from megapairs_dagster.assets.evaluation import (
+    DEMO_BENCHMARKS,
+    REAL_BENCHMARKS,
+    build_scores_asset,
+    demo_benchmark,
+)
 from megapairs_dagster.assets.knn import knn_assets
 from megapairs_dagster.assets.training import build_training_asset
 from megapairs_dagster.jobs import build_jobs, schedules, sensors, with_automation
@@ -23,19 +28,22 @@ from megapairs_dagster.resources.profiles import Deployment, load_deployment
 
 def build_definitions(deployment: Deployment) -> Definitions:
     """The code location of a deployment: its training runs are the partitions of training
-    and scoring, asset code versions follow its configuration, its executor runs every job."""
+    and scoring, asset code versions follow its configuration, its executor runs every job.
+    Only the demo deployment has the demo benchmark."""
+    demo = deployment.profile == "demo"
+    benchmarks = DEMO_BENCHMARKS if demo else list(REAL_BENCHMARKS)
     assets = [
         *load_assets_from_modules(
             [corpus, lookup, encoders, embeddings, diagnostics, pairs, instructions, triplets]
         ),
         *knn_assets(deployment.resources["indexes"]),
         build_training_asset(deployment.training_runs),
-        demo_benchmark,
-        build_scores_asset(deployment.training_runs),
+        *([demo_benchmark] if demo else []),
+        build_scores_asset(deployment.training_runs, benchmarks),
     ]
     return Definitions(
         assets=with_config_versions(with_automation(assets), deployment.resources),
-        jobs=build_jobs(deployment.training_runs),
+        jobs=build_jobs(deployment.training_runs, benchmarks),
         sensors=sensors,
         schedules=schedules,
         resources=deployment.resources,

@@ -95,6 +95,11 @@ def test_each_profile_has_its_own_training_runs():
     scores = paper.resolve_asset_graph().get(AssetKey("benchmark_scores")).partitions_def
     assert "circo|large" in scores.get_partition_keys()
     assert not any("demo_seed" in key for key in scores.get_partition_keys())
+    # the demo benchmark is the demo's: the paper scores real benchmarks and depends on no demo
+    assert not any(key.startswith("demo_cir|") for key in scores.get_partition_keys())
+    graph = paper.resolve_asset_graph()
+    assert not graph.has(AssetKey("demo_benchmark"))
+    assert graph.get(AssetKey("benchmark_scores")).parent_keys == {AssetKey("mmret_clip")}
 
 
 def test_a_deployment_config_file_reaches_resources_and_runs(tmp_path, monkeypatch):

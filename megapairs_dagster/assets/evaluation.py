@@ -3,7 +3,7 @@
 import io
 import json
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from dagster import (
@@ -37,16 +37,20 @@ from megapairs_dagster.resources.profiles import TrainingRun
 from megapairs_dagster.resources.settings import BenchmarkData
 from megapairs_dagster.resources.store import ArtifactStore
 
-BENCHMARKS = ["demo_cir", "circo", "cirr", "fashioniq"]
 # The metric each benchmark's papers lead with: the one shown per query group in the metadata.
 HEADLINE_METRIC = {"demo_cir": "mAP@5", "circo": "mAP@5", "cirr": "R@1", "fashioniq": "R@10"}
 
 
-def benchmark_by_model(runs: Mapping[str, TrainingRun]) -> MultiPartitionsDefinition:
+
+
+def benchmark_by_model(
+    runs: Mapping[str, TrainingRun], benchmarks: Sequence[str]
+) -> MultiPartitionsDefinition:
     """Benchmark × model, the model dimension being exactly ``mmret_clip``'s training runs, so
     each score maps to the one checkpoint it scores."""
     return MultiPartitionsDefinition(
-        {"benchmark": StaticPartitionsDefinition(BENCHMARKS), "model": training_partitions(runs)}
+        {"benchmark": StaticPartitionsDefinition(list(benchmarks)),
+         "model": training_partitions(runs)}
     )
 
 
@@ -115,18 +119,23 @@ def _fashioniq(data: BenchmarkData) -> Scorer:
 
 
 REAL_BENCHMARKS = {"circo": _circo, "cirr": _cirr, "fashioniq": _fashioniq}
+# The demo deployment also scores its own benchmark; others score the real ones only.
+DEMO_BENCHMARKS = ["demo_cir", *REAL_BENCHMARKS]
 
 
-def build_scores_asset(runs: Mapping[str, TrainingRun]) -> AssetsDefinition:
-    """``benchmark_scores`` over the deployment's training runs."""
+def build_scores_asset(
+    runs: Mapping[str, TrainingRun], benchmarks: Sequence[str]
+) -> AssetsDefinition:
+    """``benchmark_scores`` over the deployment's training runs and benchmarks; only a
+    deployment that scores the demo benchmark depends on it."""
 
     @asset(
-        partitions_def=benchmark_by_model(runs),
+        partitions_def=benchmark_by_model(runs, benchmarks),
         group_name="evaluation",
         ins={"mmret_clip": AssetIn(
             partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
         )},
-        deps=[AssetDep("demo_benchmark")],
+        deps=[AssetDep("demo_benchmark")] if "demo_cir" in benchmarks else [],
         output_required=False,
         code_version="1",
         pool=GPU_POOL,

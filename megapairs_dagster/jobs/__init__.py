@@ -1,6 +1,6 @@
 """Jobs, sensors (the shard sensor, the automation sensor) and schedules."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from dagster import AssetSelection, define_asset_job
 
@@ -43,7 +43,7 @@ synthesis_job = define_asset_job(
 )
 
 
-def build_jobs(runs: Mapping[str, TrainingRun]) -> list:
+def build_jobs(runs: Mapping[str, TrainingRun], benchmarks: Sequence[str]) -> list:
     """The named jobs; training and evaluation are partitioned by the deployment's runs."""
     training_job = define_asset_job(
         "training",
@@ -54,7 +54,7 @@ def build_jobs(runs: Mapping[str, TrainingRun]) -> list:
     evaluation_job = define_asset_job(
         "evaluation",
         selection=AssetSelection.assets("benchmark_scores"),
-        partitions_def=benchmark_by_model(runs),
+        partitions_def=benchmark_by_model(runs, benchmarks),
         description="Score a model on a benchmark (a benchmark|model partition).",
     )
     return [ingest_and_embed_job, indexes_job, neighbors_job, synthesis_job, training_job,
