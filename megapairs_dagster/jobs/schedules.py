@@ -1,7 +1,7 @@
 """The nightly catch-up: re-run every shard whose per-shard chain is missing or stale.
 
-Declarative automation (``automation.py``) runs a missing partition once; it does not retry a
-failed run and does not recompute stale partitions. Each night this schedule requests, per
+Declarative automation (``automation.py``) runs a missing partition, retrying a failed one
+hourly; it never recomputes stale partitions. Each night this schedule requests, per
 shard, one run of the per-shard assets that need work:
 
 - **missing**: the instance holds no materialisation of that asset for the shard;
