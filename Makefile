@@ -43,12 +43,12 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(PORT) -w workspace.yaml
 
 lint: install
-	$(VENV)/bin/ruff check megapairs_dagster tests benchmarks
+	$(VENV)/bin/ruff check megapairs_dagster tests bench
 
 bench: install
-	$(PY) benchmarks/bench_embed.py
-	$(PY) benchmarks/bench_knn.py
-	$(PY) benchmarks/bench_train.py
+	$(PY) bench/embed.py
+	$(PY) bench/knn.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf data .dagster_home .dagster_paper

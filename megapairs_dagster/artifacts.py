@@ -1,8 +1,9 @@
-"""Artifact containers that are not tables, and their byte formats.
+"""The artifact format: where each asset's artifact lives in the store and how it is encoded.
 
-Tables are pandas DataFrames stored as parquet; these are the matrix-shaped artifacts.
-Each carries ``produced_by`` (encoder identity, index spec, ...) so a file read months later
-still says what made it.
+Tables are pandas DataFrames stored as Parquet, dicts as JSON, and the matrix-shaped artifacts
+(embeddings, faiss indexes) as npz. Each records ``produced_by`` (run, encoder identity, index
+spec, ...) so a file read months later still says what made it. Plain Python: a notebook reads
+artifacts with these functions exactly as the pipeline's IO manager writes them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from megapairs_dagster.storage import ArtifactStoreClient
+
+TABLE_SUFFIX = ".parquet"
+JSON_SUFFIX = ".json"
+# Small row groups let a reader fetch a few rows of a shard (synthesis/image_index.py) with
+# ranged reads instead of the whole table: a shard of images is hundreds of megabytes.
+ROW_GROUP_ROWS = 256
 
 
 def _npz_bytes(meta: dict[str, Any], **arrays: np.ndarray) -> bytes:
@@ -79,3 +91,52 @@ class KnnIndexArtifact:
 
 
 BINARY_ARTIFACTS: tuple[type, ...] = (Embeddings, KnnIndexArtifact)
+
+
+def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
+    """Parquet bytes whose schema metadata records what produced the table."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = dict(table.schema.metadata or {})
+    metadata[b"megapairs.produced_by"] = json.dumps(produced_by).encode()
+    buffer = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(metadata), buffer, row_group_size=ROW_GROUP_ROWS)
+    return buffer.getvalue()
+
+
+def read_table(source, columns: list[str] | None = None) -> pd.DataFrame:
+    """A table written by ``write_table`` (bytes or an open file), optionally some columns."""
+    table = pq.read_table(io.BytesIO(source) if isinstance(source, bytes) else source,
+                          columns=columns)
+    frame = table.to_pandas()
+    produced_by = (table.schema.metadata or {}).get(b"megapairs.produced_by")
+    if produced_by:
+        frame.attrs["produced_by"] = json.loads(produced_by)
+    return frame
+
+
+def artifact_relpath(asset_key_path: list[str], partition_key: str | None) -> str:
+    """``<asset>/<partition>`` for per-shard artifacts, ``<asset>/data`` for global ones."""
+    return "/".join([*asset_key_path, partition_key or "data"])
+
+
+def load_artifact(store: ArtifactStoreClient, relpath: str) -> Any:
+    """Load whatever the IO manager wrote at ``relpath`` (a table, a JSON dict or a binary)."""
+    candidates = [(TABLE_SUFFIX, read_table), (JSON_SUFFIX, lambda b: json.loads(b))]
+    candidates += [(cls.SUFFIX, cls.from_bytes) for cls in BINARY_ARTIFACTS]
+    for suffix, reader in candidates:
+        if store.exists(relpath + suffix):
+            return reader(store.read_bytes(relpath + suffix))
+    raise FileNotFoundError(
+        f"no artifact at {store.url(relpath)}.* — materialise the upstream asset first"
+    )
+
+
+def load_columns(
+    store: ArtifactStoreClient, asset: str, partitions: list[str], columns: list[str]
+) -> pd.DataFrame:
+    """Some columns of a per-shard table over many shards, reading nothing else."""
+    frames = []
+    for key in partitions:
+        with store.path(artifact_relpath([asset], key) + TABLE_SUFFIX).open("rb") as handle:
+            frames.append(read_table(handle, columns))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)

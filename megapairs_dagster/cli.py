@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from megapairs_dagster.benchmarks.cli import add_score_command
+from megapairs_dagster.evaluation.cli import add_score_command
 
 
 def _demo_corpus(args: argparse.Namespace) -> None:
@@ -42,7 +42,7 @@ def _demo(args: argparse.Namespace) -> None:
     from megapairs_dagster.demo import write_demo_shard
     from megapairs_dagster.jobs.pipeline import materialize_pipeline
     from megapairs_dagster.jobs.sensors import claim_instance
-    from megapairs_dagster.jobs.summary import (
+    from megapairs_dagster.reports import (
         format_scores,
         format_summary,
         pipeline_summary,

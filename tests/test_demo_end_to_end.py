@@ -13,7 +13,7 @@ from dagster import DagsterInstance
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.jobs.pipeline import STAGES, materialize_pipeline
-from megapairs_dagster.jobs.summary import compare_runs, format_scores
+from megapairs_dagster.reports import compare_runs, format_scores
 from megapairs_dagster.resources.profiles import resources_for
 from megapairs_dagster.resources.settings import Encoders, Training
 from megapairs_dagster.synthesis.triplet_store import TripletStore

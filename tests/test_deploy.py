@@ -43,12 +43,12 @@ from dagster_k8s.job import (
 from postgres_server import postgres_server
 from s3_server import moto_s3
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
 from megapairs_dagster.definitions import build_definitions, defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.resources.profiles import Deployment, load_deployment
 from megapairs_dagster.resources.settings import Encoders
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 ROOT = Path(__file__).resolve().parents[1]

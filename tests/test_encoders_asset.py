@@ -4,10 +4,10 @@ import open_clip
 from conftest import small_demo_resources
 from dagster import DagsterInstance, materialize
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.resources.settings import Encoders
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.synthesis.encoders import (
     DEMO_DINO_IMAGE_SIZE,
     build_demo_dino,

@@ -11,11 +11,11 @@ import pytest
 from conftest import small_demo_resources
 from dagster import DagsterInstance
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.jobs.pipeline import STAGES, materialize_pipeline
 from megapairs_dagster.resources.settings import Generation
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.synthesis.generation.template import TemplateDescriber
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 

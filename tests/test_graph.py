@@ -16,12 +16,12 @@ from dagster import (
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.jobs.pipeline import materialize_pipeline
 from megapairs_dagster.jobs.sensors import shard_sensor
-from megapairs_dagster.jobs.summary import format_scores
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
+from megapairs_dagster.reports import format_scores
 from megapairs_dagster.synthesis.diagnostics import caption_overlap
 from megapairs_dagster.synthesis.megapairs_format import read_megapairs
 from megapairs_dagster.synthesis.triplet_store import TripletStore

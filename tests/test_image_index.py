@@ -8,9 +8,9 @@ import pytest
 from conftest import small_demo_resources
 from dagster import DagsterInstance, materialize
 
+from megapairs_dagster.artifacts import ROW_GROUP_ROWS, write_table
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
-from megapairs_dagster.resources.store import ROW_GROUP_ROWS, write_table
 from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.image_index import build_image_index, locate, read_images
 

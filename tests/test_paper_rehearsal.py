@@ -66,8 +66,8 @@ from paper_deployment import (
 from postgres_server import postgres_server
 from s3_server import moto_s3
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.demo import write_demo_benchmark, write_demo_shard
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.storage import ArtifactStoreClient
 
 pytestmark = pytest.mark.rehearsal

@@ -13,8 +13,8 @@ import pytest
 from dagster import AssetKey, AssetMaterialization, DagsterEventType, DagsterInstance
 from dagster_server import DAGSTER, REPO, running_server
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.jobs.schedules import AFTER_INDEX, INGEST_AND_EMBED, shard_work
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.views import VIEWS
 

@@ -6,10 +6,9 @@ from conftest import small_demo_resources
 from dagster import DagsterInstance, materialize
 from s3_server import moto_s3
 
-from megapairs_dagster.artifacts import Embeddings
+from megapairs_dagster.artifacts import Embeddings, artifact_relpath, load_artifact
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
 from megapairs_dagster.storage import ArtifactStoreClient
 
 

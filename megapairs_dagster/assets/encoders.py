@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 from dagster import AssetDep, AssetExecutionContext, MetadataValue, Output, asset
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.plots import line_plot
 from megapairs_dagster.resources.settings import Encoders
-from megapairs_dagster.resources.store import ArtifactStore, artifact_relpath, load_artifact
+from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.bootstrap import train_demo_clip
 from megapairs_dagster.synthesis.encoders import build_demo_dino, load_clip, load_dino
 

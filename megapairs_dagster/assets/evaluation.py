@@ -23,16 +23,16 @@ from PIL import Image
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
 from megapairs_dagster.assets.training import trained_model, training_partitions
 from megapairs_dagster.assets.triplets import triplet_store
-from megapairs_dagster.benchmarks.datasets import load_cirr, load_fashioniq
-from megapairs_dagster.benchmarks.evaluate import (
+from megapairs_dagster.demo import write_demo_benchmark
+from megapairs_dagster.evaluation.datasets import load_cirr, load_fashioniq
+from megapairs_dagster.evaluation.evaluate import (
     ComposedEncoder,
     Metrics,
     evaluate_circo_format,
     evaluate_cirr,
     evaluate_fashioniq,
 )
-from megapairs_dagster.benchmarks.readers import read_circo
-from megapairs_dagster.demo import write_demo_benchmark
+from megapairs_dagster.evaluation.readers import read_circo
 from megapairs_dagster.resources.profiles import TrainingRun
 from megapairs_dagster.resources.settings import BenchmarkData
 from megapairs_dagster.resources.store import ArtifactStore

@@ -18,10 +18,11 @@ from dagster import (
     multi_asset,
 )
 
+from megapairs_dagster.artifacts import read_table, write_table
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Generation
-from megapairs_dagster.resources.store import ArtifactStore, read_table, write_table
+from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.chunked import config_hash, run_in_chunks
 from megapairs_dagster.synthesis.generation.backends import (
     BackendSettings,

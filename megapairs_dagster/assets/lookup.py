@@ -17,12 +17,8 @@ from dagster import (
     asset,
 )
 
-from megapairs_dagster.resources.store import (
-    ArtifactStore,
-    artifact_relpath,
-    load_artifact,
-    load_columns,
-)
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact, load_columns
+from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.diagnostics import scenes_from_meta
 from megapairs_dagster.synthesis.image_index import build_image_index
 

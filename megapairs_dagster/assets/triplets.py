@@ -12,9 +12,10 @@ from dagster import (
     asset,
 )
 
+from megapairs_dagster.artifacts import artifact_relpath, load_columns
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
-from megapairs_dagster.resources.store import ArtifactStore, artifact_relpath, load_columns
+from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.image_index import read_images
 from megapairs_dagster.synthesis.megapairs_format import write_megapairs
 from megapairs_dagster.synthesis.triplet_store import TripletStore

@@ -1,13 +1,10 @@
 """The artifact store as a Dagster resource, and the IO manager that stores assets in it."""
 
 
-import io
 import json
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from dagster import (
     ConfigurableIOManager,
     ConfigurableResource,
@@ -18,15 +15,16 @@ from dagster import (
 )
 
 from megapairs_dagster import __version__
-from megapairs_dagster.artifacts import BINARY_ARTIFACTS
+from megapairs_dagster.artifacts import (
+    BINARY_ARTIFACTS,
+    JSON_SUFFIX,
+    TABLE_SUFFIX,
+    artifact_relpath,
+    load_artifact,
+    write_table,
+)
 from megapairs_dagster.resources.settings import unversioned
 from megapairs_dagster.storage import ArtifactStoreClient
-
-TABLE_SUFFIX = ".parquet"
-JSON_SUFFIX = ".json"
-# Small row groups let a reader fetch a few rows of a shard (synthesis/image_index.py) with
-# ranged reads instead of the whole table: a shard of images is hundreds of megabytes.
-ROW_GROUP_ROWS = 256
 
 
 class ArtifactStore(ConfigurableResource):
@@ -50,55 +48,6 @@ class ArtifactStore(ConfigurableResource):
 
     def client(self) -> ArtifactStoreClient:
         return ArtifactStoreClient(self.url, self.storage_options(), self.cache_dir)
-
-
-def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
-    """Parquet bytes whose schema metadata records what produced the table."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    metadata = dict(table.schema.metadata or {})
-    metadata[b"megapairs.produced_by"] = json.dumps(produced_by).encode()
-    buffer = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(metadata), buffer, row_group_size=ROW_GROUP_ROWS)
-    return buffer.getvalue()
-
-
-def read_table(source, columns: list[str] | None = None) -> pd.DataFrame:
-    """A table written by ``write_table`` (bytes or an open file), optionally some columns."""
-    table = pq.read_table(io.BytesIO(source) if isinstance(source, bytes) else source,
-                          columns=columns)
-    frame = table.to_pandas()
-    produced_by = (table.schema.metadata or {}).get(b"megapairs.produced_by")
-    if produced_by:
-        frame.attrs["produced_by"] = json.loads(produced_by)
-    return frame
-
-
-def artifact_relpath(asset_key_path: list[str], partition_key: str | None) -> str:
-    """``<asset>/<partition>`` for per-shard artifacts, ``<asset>/data`` for global ones."""
-    return "/".join([*asset_key_path, partition_key or "data"])
-
-
-def load_artifact(store: ArtifactStoreClient, relpath: str) -> Any:
-    """Load whatever the IO manager wrote at ``relpath`` (a table, a JSON dict or a binary)."""
-    candidates = [(TABLE_SUFFIX, read_table), (JSON_SUFFIX, lambda b: json.loads(b))]
-    candidates += [(cls.SUFFIX, cls.from_bytes) for cls in BINARY_ARTIFACTS]
-    for suffix, reader in candidates:
-        if store.exists(relpath + suffix):
-            return reader(store.read_bytes(relpath + suffix))
-    raise FileNotFoundError(
-        f"no artifact at {store.url(relpath)}.* — materialise the upstream asset first"
-    )
-
-
-def load_columns(
-    store: ArtifactStoreClient, asset: str, partitions: list[str], columns: list[str]
-) -> pd.DataFrame:
-    """Some columns of a per-shard table over many shards, reading nothing else."""
-    frames = []
-    for key in partitions:
-        with store.path(artifact_relpath([asset], key) + TABLE_SUFFIX).open("rb") as handle:
-            frames.append(read_table(handle, columns))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 class ArtifactIOManager(ConfigurableIOManager):

@@ -66,7 +66,7 @@ class ImagePixels:
     """Preprocessed pixels by image key, keeping the last ``cache_images`` in memory.
 
     A triplet step decodes ~5 images per sample, and a small corpus reuses each image many
-    times per epoch: decoding again was a third of a demo CPU step (benchmarks/bench_train.py).
+    times per epoch: decoding again was a third of a demo CPU step (bench/train.py).
     Each DataLoader worker holds its own cache; 0 turns caching off.
     """
 

@@ -284,7 +284,7 @@ def train_mmret(
         parameter.requires_grad_(name not in FROZEN_PARAMETERS)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # foreach: one kernel per step for all tensors. PyTorch picks it by default only on CUDA;
-    # on the CPU it makes this optimizer step 2.4x faster (benchmarks/bench_train.py).
+    # on the CPU it makes this optimizer step 2.4x faster (bench/train.py).
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
     )

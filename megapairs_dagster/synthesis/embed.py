@@ -68,7 +68,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 @contextmanager
 def _cpu_threads_left(device: torch.device, workers: int) -> Iterator[None]:
     """On the CPU, leave the decoding workers their cores: oversubscribed torch threads
-    measured 2.5x slower on 2 cores (benchmarks/bench_embed.py)."""
+    measured 2.5x slower on 2 cores (bench/embed.py)."""
     if device.type != "cpu" or workers == 0:
         yield
         return

@@ -71,7 +71,7 @@ def index_memory_bytes(spec: str, num_vectors: int, dim: int) -> int:
     Flat stores float32 vectors; HNSW adds 2*M int32 links per vector on its base layer
     (upper layers add ~1/M of that); IVF stores an int64 id per vector plus the float32
     coarse centroids; PQ stores m one-byte codes per vector plus 256 float32 centroids
-    per sub-quantizer. Used by :func:`choose_index_spec` and reported by benchmarks.
+    per sub-quantizer. Used by :func:`choose_index_spec` and reported by the speed measurements (bench/knn.py).
     """
     kind, sizes = _parse_spec(spec)
     raw_vector = 4 * dim
@@ -106,7 +106,7 @@ def choose_index_spec(num_vectors: int, dim: int, memory_budget_bytes: int) -> s
        would lack training points (~1024 lists x 39 points).
     2. ``HNSW32`` when n < 100,000 and vectors + graph fit: quick to build at that size and
        IVF would have few, coarse lists. Above it IVF-Flat won on every measurement
-       (benchmarks/bench_knn.py, 200k x 512 clustered: IVF-Flat 13x faster than exact at
+       (bench/knn.py, 200k x 512 clustered: IVF-Flat 13x faster than exact at
        recall@20 0.991 and half the build time; HNSW32 2.4x at 0.939).
     3. ``IVF{nlist},Flat`` when the raw float32 vectors fit; nlist = 4*sqrt(n) rounded to
        a power of two, halved until every list has >= 39 training points.

@@ -14,19 +14,19 @@
 - ``cli``: the ``score`` command.
 """
 
-from megapairs_dagster.benchmarks.datasets import find_annotation_file, load_cirr, load_fashioniq
-from megapairs_dagster.benchmarks.metrics import (
+from megapairs_dagster.evaluation.datasets import find_annotation_file, load_cirr, load_fashioniq
+from megapairs_dagster.evaluation.metrics import (
     circo_metrics,
     cirr_metrics,
     fashioniq_metrics,
     rank_gallery,
 )
-from megapairs_dagster.benchmarks.query_text import (
+from megapairs_dagster.evaluation.query_text import (
     circo_query_text,
     cirr_query_text,
     fashioniq_query_text,
 )
-from megapairs_dagster.benchmarks.readers import (
+from megapairs_dagster.evaluation.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
     CirQuery,
@@ -38,7 +38,7 @@ from megapairs_dagster.benchmarks.readers import (
     read_fashioniq,
     read_fashioniq_gallery,
 )
-from megapairs_dagster.benchmarks.submission import (
+from megapairs_dagster.evaluation.submission import (
     build_circo_submission,
     build_cirr_submissions,
     read_circo_submission,

@@ -6,7 +6,7 @@ vs the time spent inside its steps, measured side by side in one run.
 - `dagster asset materialize` CLI (process start, code loading and run included).
 
 Step time = the STEP_SUCCESS durations (the asset body plus its IO-manager reads/writes).
-Usage: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_dagster_overhead.py
+Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/dagster_overhead.py
 """
 
 import os

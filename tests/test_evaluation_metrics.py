@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from megapairs_dagster.benchmarks.metrics import (
+from megapairs_dagster.evaluation.metrics import (
     circo_metrics,
     cirr_metrics,
     fashioniq_metrics,
     rank_gallery,
 )
-from megapairs_dagster.benchmarks.readers import CirQuery
+from megapairs_dagster.evaluation.readers import CirQuery
 
 CIRCO_QUERIES = [
     CirQuery("0", "ref0", ("s", "r"), "a", ("a", "b", "c")),

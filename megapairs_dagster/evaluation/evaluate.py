@@ -13,19 +13,19 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from megapairs_dagster.benchmarks.metrics import (
+from megapairs_dagster.evaluation.metrics import (
     FASHIONIQ_KS,
     circo_metrics,
     cirr_metrics,
     fashioniq_metrics,
     rank_gallery,
 )
-from megapairs_dagster.benchmarks.query_text import (
+from megapairs_dagster.evaluation.query_text import (
     circo_query_text,
     cirr_query_text,
     fashioniq_query_text,
 )
-from megapairs_dagster.benchmarks.readers import CirQuery
+from megapairs_dagster.evaluation.readers import CirQuery
 
 TOP_N = 50  # CIRCO's submission depth, and the deepest k of the CIRCO and FashionIQ metrics
 ENCODE_CHUNK = 256  # images decoded at a time, so that a large gallery never sits in memory

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from megapairs_dagster.benchmarks.readers import CirQuery
+from megapairs_dagster.evaluation.readers import CirQuery
 
 Rankings = Mapping[str, Sequence[str]]
 

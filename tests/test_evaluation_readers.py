@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import BENCHMARKS, SHARED_DATA, requires_shared_data
 
-from megapairs_dagster.benchmarks.query_text import circo_query_text, fashioniq_query_text
-from megapairs_dagster.benchmarks.readers import (
+from megapairs_dagster.evaluation.query_text import circo_query_text, fashioniq_query_text
+from megapairs_dagster.evaluation.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
     CirQuery,

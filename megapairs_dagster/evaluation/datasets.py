@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from megapairs_dagster.benchmarks.readers import (
+from megapairs_dagster.evaluation.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
     CirQuery,

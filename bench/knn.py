@@ -6,7 +6,7 @@ index memory, search time of the same queries exactly (IndexFlatIP) and through 
 index, the speed-up, and recall@20 against the exact result. Target: >= 10x faster at
 recall >= 0.95 on a 2-core machine.
 
-    .venv/bin/python benchmarks/bench_knn.py --n 200000 --queries 2000 --json out.json
+    .venv/bin/python bench/knn.py --n 200000 --queries 2000 --json out.json
 """
 
 from __future__ import annotations

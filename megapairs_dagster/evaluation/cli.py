@@ -19,16 +19,16 @@ import json
 import re
 from pathlib import Path
 
-from megapairs_dagster.benchmarks.datasets import find_annotation_file
-from megapairs_dagster.benchmarks.metrics import circo_metrics, cirr_metrics, fashioniq_metrics
-from megapairs_dagster.benchmarks.readers import (
+from megapairs_dagster.evaluation.datasets import find_annotation_file
+from megapairs_dagster.evaluation.metrics import circo_metrics, cirr_metrics, fashioniq_metrics
+from megapairs_dagster.evaluation.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
     read_circo,
     read_cirr,
     read_fashioniq,
 )
-from megapairs_dagster.benchmarks.submission import (
+from megapairs_dagster.evaluation.submission import (
     read_circo_submission,
     read_cirr_submission,
     read_fashioniq_predictions,
@@ -100,8 +100,8 @@ def add_score_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m megapairs_dagster.benchmarks.cli score ...``"""
-    parser = argparse.ArgumentParser(prog="python -m megapairs_dagster.benchmarks.cli")
+    """``python -m megapairs_dagster.evaluation.cli score ...``"""
+    parser = argparse.ArgumentParser(prog="python -m megapairs_dagster.evaluation.cli")
     add_score_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     args.run(args)

@@ -13,7 +13,7 @@ its foreach implementation (PyTorch's default on CUDA, not on the CPU); the plai
 PyTorch's default, as a textbook loop would, unless ``--plain-foreach`` makes the optimizers
 alike.
 
-    .venv/bin/python benchmarks/bench_train.py --batch-size 16 --steps 4 --repeats 5
+    .venv/bin/python bench/train.py --batch-size 16 --steps 4 --repeats 5
 """
 
 from __future__ import annotations

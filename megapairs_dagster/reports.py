@@ -4,7 +4,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-from megapairs_dagster.resources.store import artifact_relpath, load_artifact
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.views import VIEWS
 

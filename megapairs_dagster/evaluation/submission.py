@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megapairs_dagster.benchmarks.metrics import Rankings
-from megapairs_dagster.benchmarks.readers import BenchmarkInputError, CirQuery, read_json
+from megapairs_dagster.evaluation.metrics import Rankings
+from megapairs_dagster.evaluation.readers import BenchmarkInputError, CirQuery, read_json
 
 CIRCO_TOP = 50
 CIRR_VERSION = "rc2"

@@ -8,7 +8,7 @@ relative caption alone, verbatim; MegaPairs publishes no CIRR query file to chec
 
 from __future__ import annotations
 
-from megapairs_dagster.benchmarks.readers import CirQuery
+from megapairs_dagster.evaluation.readers import CirQuery
 
 
 def circo_query_text(query: CirQuery) -> str:

@@ -9,8 +9,8 @@ processes hits them alike. ``--threads`` and ``--num-workers`` take comma lists 
 CUDA, GPU utilisation is sampled with nvidia-smi while (b) runs, and peak allocated memory is
 reported per view.
 
-    .venv/bin/python benchmarks/bench_embed.py --profile demo --threads 1,2 --num-workers 0,1,2
-    python benchmarks/bench_embed.py --profile paper --device cuda --dtype bfloat16 \\
+    .venv/bin/python bench/embed.py --profile demo --threads 1,2 --num-workers 0,1,2
+    python bench/embed.py --profile paper --device cuda --dtype bfloat16 \\
         --batch-size 256 --n-images 4096 --json out.json
 """
 

@@ -7,15 +7,15 @@ import sys
 import pytest
 from conftest import BENCHMARKS, SHARED_DATA, requires_shared_data
 
-from megapairs_dagster.benchmarks.cli import main
-from megapairs_dagster.benchmarks.readers import (
+from megapairs_dagster.evaluation.cli import main
+from megapairs_dagster.evaluation.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
     read_circo,
     read_cirr,
     read_fashioniq,
 )
-from megapairs_dagster.benchmarks.submission import (
+from megapairs_dagster.evaluation.submission import (
     build_circo_submission,
     build_cirr_submissions,
     read_circo_submission,
@@ -192,7 +192,7 @@ def test_score_as_a_module_process(tmp_path):
     queries = read_circo(BENCHMARKS / "circo" / "val.json")
     path = write_submission(tmp_path / "p.json",
                             build_circo_submission(_circo_rankings(queries), queries))
-    command = [sys.executable, "-m", "megapairs_dagster.benchmarks.cli", "score", "circo",
+    command = [sys.executable, "-m", "megapairs_dagster.evaluation.cli", "score", "circo",
                "--annotations", str(BENCHMARKS / "circo"), "--predictions"]
     done = subprocess.run(command + [str(path)], check=False, capture_output=True, text=True,
                           timeout=60)

@@ -15,15 +15,15 @@ from conftest import small_demo_resources
 from dagster import AssetKey, DagsterInstance, MultiPartitionKey, materialize
 from PIL import Image
 
-from megapairs_dagster.benchmarks import evaluate
-from megapairs_dagster.benchmarks.datasets import load_cirr, load_fashioniq
-from megapairs_dagster.benchmarks.evaluate import (
+from megapairs_dagster.definitions import defs
+from megapairs_dagster.evaluation import evaluate
+from megapairs_dagster.evaluation.datasets import load_cirr, load_fashioniq
+from megapairs_dagster.evaluation.evaluate import (
     evaluate_circo_format,
     evaluate_cirr,
     evaluate_fashioniq,
 )
-from megapairs_dagster.benchmarks.readers import BenchmarkInputError, CirQuery
-from megapairs_dagster.definitions import defs
+from megapairs_dagster.evaluation.readers import BenchmarkInputError, CirQuery
 from megapairs_dagster.resources.settings import BenchmarkData
 
 # --- a test double for the model ----------------------------------------------------------
