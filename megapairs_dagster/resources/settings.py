@@ -6,8 +6,8 @@ or how fast an asset is computed, not what it holds. Device and dtype are among 
 different precision is not a reason to recompute a corpus.
 """
 
-
-from typing import Any, Literal
+import dataclasses
+from typing import Any, Literal, TypeVar
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -24,6 +24,21 @@ def versioned_fields(resource: ConfigurableResource) -> list[str]:
         name for name, field in type(resource).model_fields.items()
         if (field.json_schema_extra or {}).get("versioned", True)
     ]
+
+
+Config = TypeVar("Config")
+
+
+def domain_config(cls: type[Config], resource: ConfigurableResource, **overrides: Any) -> Config:
+    """The domain dataclass ``cls`` filled from the resource's settings of the same names, plus
+    ``overrides``: a setting is declared once, on its resource, and the domain code that uses it
+    never imports Dagster. Fields the resource does not have keep the dataclass's defaults."""
+    values = {
+        field.name: getattr(resource, field.name)
+        for field in dataclasses.fields(cls)
+        if field.name in type(resource).model_fields and field.name not in overrides
+    }
+    return cls(**values, **overrides)
 
 
 class CorpusSource(ConfigurableResource):
