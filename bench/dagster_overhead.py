@@ -71,7 +71,11 @@ def report(label: str, samples: list[tuple[float, float]]) -> None:
 
 def main() -> None:
     from megapairs_dagster.definitions import defs
-    from megapairs_dagster.jobs.pipeline import STAGES, materialize_pipeline
+    from megapairs_dagster.jobs.pipeline import (
+        materialize_pipeline,
+        pipeline_stages,
+        stages_upstream_of,
+    )
 
     assets = list(defs.assets)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +90,8 @@ def main() -> None:
         resources["compute"] = Compute(num_workers=0, batch_size=32, cache_dir=str(home / "cache"))
         instance = DagsterInstance.from_config(str(dagster_home))
         print("preparing shard 00000 through image_pairs (untimed)...", flush=True)
-        through_pairs = STAGES[: [s.assets for s in STAGES].index(("image_pairs",)) + 1]
+        stages = pipeline_stages(defs.resolve_asset_graph())
+        through_pairs = stages_upstream_of(stages, "pair_descriptions")
         materialize_pipeline(assets, resources, instance, ["00000"], stages=through_pairs,
                              log=lambda _: None)
         instance.add_dynamic_partitions("shards", ["00001"])

@@ -15,23 +15,26 @@ from megapairs_dagster.assets import (
 )
 from megapairs_dagster.assets.code_versions import with_config_versions
 from megapairs_dagster.assets.evaluation import (
-    DEMO_BENCHMARKS,
     REAL_BENCHMARKS,
     build_scores_asset,
     demo_benchmark,
 )
 from megapairs_dagster.assets.knn import knn_assets
 from megapairs_dagster.assets.training import build_training_asset
-from megapairs_dagster.jobs import build_jobs, schedules, sensors, with_automation
+from megapairs_dagster.jobs import build_jobs, sensors
 from megapairs_dagster.resources.profiles import Deployment, load_deployment
 
 
 def build_definitions(deployment: Deployment) -> Definitions:
     """The code location of a deployment: its training runs are the partitions of training
     and scoring, asset code versions follow its configuration, its executor runs every job.
-    Only the demo deployment has the demo benchmark."""
+    Only the demo deployment has the demo benchmark. Each asset's policies (automation, code
+    version inputs, pool, retries) are on its decorator; jobs follow the asset groups."""
     demo = deployment.profile == "demo"
-    benchmarks = DEMO_BENCHMARKS if demo else list(REAL_BENCHMARKS)
+    benchmarks = list(REAL_BENCHMARKS)
+    if demo:  # the demo scores its own benchmark, and a real one only once its data is set
+        data = deployment.resources["benchmark_data"]
+        benchmarks = ["demo_cir", *(name for name in benchmarks if not data.unset(name))]
     assets = [
         *load_assets_from_modules(
             [corpus, lookup, encoders, embeddings, diagnostics, pairs, instructions, triplets]
@@ -42,10 +45,9 @@ def build_definitions(deployment: Deployment) -> Definitions:
         build_scores_asset(deployment.training_runs, benchmarks),
     ]
     return Definitions(
-        assets=with_config_versions(with_automation(assets), deployment.resources),
-        jobs=build_jobs(deployment.training_runs, benchmarks),
+        assets=with_config_versions(assets, deployment.resources),
+        jobs=build_jobs(assets),
         sensors=sensors,
-        schedules=schedules,
         resources=deployment.resources,
         executor=deployment.executor_definition(),
     )

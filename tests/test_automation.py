@@ -1,4 +1,5 @@
-"""The automation conditions of jobs/automation.py, evaluated in process tick by tick.
+"""The automation conditions on the asset decorators (assets/conditions.py), evaluated in
+process tick by tick.
 
 Materialisations are reported straight to an ephemeral instance (nothing is computed), so each
 test shows in seconds what the automation sensor would request on a server.
@@ -8,12 +9,29 @@ from datetime import datetime, timedelta, timezone
 from unittest import mock
 
 import pytest
-from dagster import AssetKey, AssetMaterialization, DagsterInstance, evaluate_automation_conditions
+from conftest import deployment_with
+from dagster import (
+    AssetCheckEvaluation,
+    AssetKey,
+    AssetMaterialization,
+    DagsterInstance,
+    evaluate_automation_conditions,
+)
 from dagster._core.storage.event_log.base import AssetRecord
 
-from megapairs_dagster.definitions import defs
-from megapairs_dagster.jobs.schedules import AFTER_INDEX, INGEST_AND_EMBED
+from megapairs_dagster.definitions import build_definitions, defs
+from megapairs_dagster.resources.profiles import resources_for
 from megapairs_dagster.synthesis.views import VIEWS
+
+
+def _group(*groups: str) -> list[str]:
+    graph = defs.resolve_asset_graph()
+    return [key.to_user_string() for key in graph.toposorted_asset_keys
+            if graph.get(key).group_name in groups]
+
+
+INGEST_AND_EMBED = _group("ingest_and_embed")
+AFTER_INDEX = _group("neighbors", "synthesis")
 
 OLD, NEW = "00000", "00001"
 GLOBAL = ["base_encoders", "image_index", *(f"knn_index_{v}" for v in VIEWS), "view_report",
@@ -29,11 +47,11 @@ class Ticks:
         self.cursor = None
         self.keys = defs.resolve_asset_graph().get_all_asset_keys()
 
-    def __call__(self, at: datetime | None = None) -> dict[str, set]:
-        """What this tick (at ``at``, default now) requests: asset name → partitions (None for
-        an unpartitioned asset)."""
+    def __call__(self, at: datetime | None = None, definitions=defs) -> dict[str, set]:
+        """What this tick (at ``at``, default now; of ``definitions``, default the shipped
+        ones) requests: asset name → partitions (None for an unpartitioned asset)."""
         result = evaluate_automation_conditions(
-            defs=defs, instance=self.instance, cursor=self.cursor, evaluation_time=at
+            defs=definitions, instance=self.instance, cursor=self.cursor, evaluation_time=at
         )
         self.cursor = result.cursor
         requested = {
@@ -42,9 +60,26 @@ class Ticks:
         return {name: set(partitions) for name, partitions in requested.items() if partitions}
 
 
-def materialised(instance: DagsterInstance, names, partition: str | None = None) -> None:
+_REPORTED: dict[int, set] = {}
+
+
+def materialised(
+    instance: DagsterInstance, names, partition: str | None = None, checks_pass: bool = True
+) -> None:
+    """Report materialisations, and the result of each asset's blocking checks (a runless
+    check result is stored once per partition: the first one stands)."""
+    graph = defs.resolve_asset_graph()
     for name in names:
         instance.report_runless_asset_event(AssetMaterialization(name, partition=partition))
+        for check in graph.get(AssetKey(name)).check_keys:
+            reported = _REPORTED.setdefault(id(instance), set())
+            if graph.get(check).blocking and (check, partition) not in reported:
+                if partition:
+                    reported.add((check, partition))
+                instance.report_runless_asset_event(AssetCheckEvaluation(
+                    asset_key=AssetKey(name), check_name=check.name, passed=checks_pass,
+                    partition=partition,
+                ))
 
 
 @pytest.fixture
@@ -131,11 +166,10 @@ def test_a_partition_is_requested_once_even_before_its_run_shows_up(ticks, insta
 
 
 def test_a_materialisation_during_a_tick_does_not_request_the_partition_again(ticks, instance):
-    """The server test once saw a new shard's `triplets` materialised twice, the second time in a
-    run of its own. Dagster reads a partition's status from the asset record first and its
+    """Dagster reads a partition's status from the asset record first and its
     planned-but-unmaterialised runs later: when `triplets` is materialised between the two reads,
-    the tick sees it neither materialised nor in progress. The tick here starts and reads the
-    asset record before the commit, and the planned runs after it."""
+    the tick sees it neither materialised nor in progress, and must still not request it again.
+    The tick here reads the asset record before the commit, and the planned runs after it."""
     _through_neighbours(ticks, instance)
     instance.create_run_for_job(
         defs.resolve_implicit_global_asset_job_def(),
@@ -159,7 +193,7 @@ def test_a_materialisation_during_a_tick_does_not_request_the_partition_again(ti
             type(instance.event_log_storage), "get_maximum_record_id", return_value=last_event
         ),
     ):
-        assert "triplets" not in ticks()  # before the fix: {"triplets": {NEW}}, a second run
+        assert "triplets" not in ticks()  # not a second run for the same partition
     assert ticks() == {"megapairs_export": {None}}
 
 
@@ -189,7 +223,7 @@ def test_generation_waits_for_an_image_index_that_holds_the_shard(ticks, instanc
 
 
 def test_a_failed_shard_is_retried_on_the_hour_once(ticks, instance):
-    """A failed run is not retried in a loop: once per retry tick (jobs/automation.py)."""
+    """A failed run is not retried in a loop: once per retry tick (assets/conditions.py)."""
     start = datetime(2026, 1, 1, 10, 10, tzinfo=timezone.utc)
     assert ticks(start)["embeddings_clip_image"] == {NEW}
     run = instance.create_run_for_job(
@@ -203,3 +237,80 @@ def test_a_failed_shard_is_retried_on_the_hour_once(ticks, instance):
     retried = ticks(start + timedelta(minutes=51))  # 11:01, the 11:00 tick has passed
     assert retried["embeddings_clip_image"] == {NEW}
     assert "embeddings_clip_image" not in ticks(start + timedelta(minutes=52))
+
+
+def test_a_failed_blocking_check_stops_the_shards_next_steps(ticks, instance):
+    """An index whose recall check failed does not feed neighbour search."""
+    ticks()
+    materialised(instance, ["image_index"])
+    materialised(instance, [f"embeddings_{view}" for view in VIEWS], NEW)
+    materialised(instance, [f"knn_index_{view}" for view in VIEWS], checks_pass=False)
+    assert not {f"neighbors_{view}" for view in VIEWS} & set(ticks())
+    materialised(instance, [f"knn_index_{view}" for view in VIEWS])
+    assert {f"neighbors_{view}" for view in VIEWS} <= set(ticks())
+
+
+NIGHT = datetime(2026, 1, 2, 2, 50, tzinfo=timezone.utc)  # ten minutes before the catch-up
+
+
+def _mining_changed():
+    resources = resources_for("demo", "home")
+    mining = resources["mining"]
+    changed = type(mining)(**{**mining.model_dump(), "targets_per_query": 2})
+    return build_definitions(deployment_with({**resources, "mining": changed}))
+
+
+def test_the_nightly_catch_up_recomputes_what_a_config_change_made_stale(instance):
+    """A new mining setting changes image_pairs' code version: after the 03:00 tick each
+    shard's pairs are mined again, with the same-shard steps that read them in the same run;
+    the shard's upstream steps and the global assets are left alone, and it happens once."""
+    instance.add_dynamic_partitions("shards", [OLD])
+    materialised(instance, [*INGEST_AND_EMBED, *AFTER_INDEX], OLD)
+    materialised(instance, GLOBAL)
+    ticks = Ticks(instance)
+    assert ticks(NIGHT) == {}
+    changed = _mining_changed()
+    assert ticks(NIGHT + timedelta(minutes=5), changed) == {}  # stale, but not yet 03:00
+    downstream = ["image_pairs", "pair_descriptions", "description_rejects", "instructions",
+                  "instruction_rejects", "triplets"]
+    assert ticks(NIGHT + timedelta(minutes=11), changed) == {name: {OLD} for name in downstream}
+    assert ticks(NIGHT + timedelta(minutes=12), changed) == {}  # requested once
+    materialised(instance, downstream, OLD)
+    assert ticks(NIGHT + timedelta(minutes=13), changed) == {"megapairs_export": {None}}
+    materialised(instance, ["megapairs_export"])
+    assert ticks(NIGHT + timedelta(days=1, minutes=11), changed) == {}  # current again
+
+
+def test_a_rebuilt_index_does_not_make_old_shards_stale(ticks, instance):
+    """The index is rebuilt for every new shard; the neighbours of old shards stay as they are,
+    also at the nightly catch-up."""
+    ticks(NIGHT)
+    materialised(instance, ["image_index", *(f"knn_index_{view}" for view in VIEWS)])
+    requested = ticks(NIGHT + timedelta(minutes=11))
+    assert OLD not in set().union(*requested.values())
+
+
+def test_a_reingested_shard_is_caught_up_from_its_embeddings(ticks, instance):
+    """A same-shard dependency newer than an asset makes it stale: a re-ingested shard gets
+    new embeddings at the catch-up; the old shard's neighbours wait for indexes that hold them."""
+    ticks(NIGHT)
+    materialised(instance, [f"embeddings_{view}" for view in VIEWS], NEW)
+    materialised(instance, ["image_index", *(f"knn_index_{view}" for view in VIEWS)])
+    materialised(instance, [*(f"neighbors_{view}" for view in VIEWS), *AFTER_NEIGHBORS], NEW)
+    materialised(instance, ["megapairs_export", "view_report"])
+    assert ticks(NIGHT + timedelta(minutes=1)) == {}
+    materialised(instance, ["corpus_images", "corpus_rejects"], OLD)  # re-ingested
+    assert ticks(NIGHT + timedelta(minutes=2)) == {"image_index": {None}, "view_report": {None}}
+    materialised(instance, ["image_index", "view_report"])
+    # triplets writes the shard's images table from the corpus: it is stale too
+    assert ticks(NIGHT + timedelta(minutes=11)) == {
+        "triplets": {OLD}, **{f"embeddings_{view}": {OLD} for view in VIEWS}
+    }
+    materialised(instance, ["triplets", *(f"embeddings_{view}" for view in VIEWS)], OLD)
+    requested = ticks(NIGHT + timedelta(minutes=12))
+    assert OLD not in requested.get("neighbors_clip_image", set())  # the index lacks them
+    assert requested["knn_index_clip_image"] == {None}
+    materialised(instance, [f"knn_index_{view}" for view in VIEWS])
+    requested = ticks(NIGHT + timedelta(minutes=13))
+    assert all(requested[f"neighbors_{view}"] == {OLD} for view in VIEWS)
+    assert requested["image_pairs"] == {OLD}  # the rest of the shard's chain in the same run

@@ -11,7 +11,8 @@ from dagster._core.definitions.data_version import (
 )
 from dagster._core.loader import LoadingContextForTest
 
-from megapairs_dagster.assets.code_versions import DESCRIBE, INSTRUCT, VERSIONED_SETTINGS
+from megapairs_dagster.assets.code_versions import VERSIONED_BY
+from megapairs_dagster.assets.instructions import DESCRIBE, INSTRUCT
 from megapairs_dagster.definitions import build_definitions, defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.resources.profiles import resources_for
@@ -104,11 +105,12 @@ def test_env_vars_count_by_name_and_need_not_be_set(monkeypatch):
 
 
 def test_every_setting_an_asset_reads_is_versioned_or_declared_unversioned():
-    """A new asset that reads mining, encoders, ... without an entry here would never go stale."""
+    """A new asset that reads mining, encoders, ... without declaring it (``versioned_by`` on its
+    decorator) would never go stale."""
     resources = resources_for("demo", "home")
     for asset in defs.assets:
         for key in asset.keys:
-            selectors = VERSIONED_SETTINGS.get(key.to_user_string(), ())
+            selectors = asset.specs_by_key[key].metadata.get(VERSIONED_BY, ())
             named = {selector.split(".")[0] for selector in selectors}
             # io_manager's only setting is the store, which is checked under its own key
             for resource in asset.required_resource_keys - named - {"io_manager"}:

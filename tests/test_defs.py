@@ -43,10 +43,18 @@ def test_recall_check_is_attached_to_every_index():
 
 def test_jobs_sensor_and_both_profiles_resolve():
     jobs = {job.name: job for job in defs.resolve_all_job_defs()}
+    groups = {node.group_name for node in defs.resolve_asset_graph().asset_nodes}
     assert {"ingest_and_embed", "indexes", "neighbors", "synthesis", "training",
-            "evaluation"} <= set(jobs)
+            "evaluation"} <= groups
+    assert groups <= set(jobs)  # one job per group
+    assert jobs["ingest_and_embed"].partitions_def.name == "shards"
     assert "demo_seed1" in jobs["training"].partitions_def.get_partition_keys()
-    assert "cirr|demo_captions" in jobs["evaluation"].partitions_def.get_partition_keys()
+    # the demo scores a real benchmark only once its data is configured; the paper all of them
+    assert set(jobs["evaluation"].partitions_def.get_partition_keys()) == {
+        f"demo_cir|{run}" for run in jobs["training"].partitions_def.get_partition_keys()
+    }
+    paper = build_definitions(load_deployment("paper")).resolve_job_def("evaluation")
+    assert "cirr|large" in paper.partitions_def.get_partition_keys()
     assert {key.to_user_string() for key in jobs["synthesis"].asset_layer.selected_asset_keys} == {
         "image_pairs", "pair_descriptions", "description_rejects", "instructions",
         "instruction_rejects", "triplets",

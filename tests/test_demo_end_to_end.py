@@ -12,7 +12,7 @@ from dagster import DagsterInstance
 
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
-from megapairs_dagster.jobs.pipeline import STAGES, materialize_pipeline
+from megapairs_dagster.jobs.pipeline import materialize_pipeline, pipeline_stages
 from megapairs_dagster.reports import compare_runs, format_scores
 from megapairs_dagster.resources.profiles import resources_for
 from megapairs_dagster.resources.settings import Encoders, Training
@@ -24,14 +24,15 @@ RUNS = ("demo",)
 
 def reduced_stages():
     """The demo stages, training one seed of the recipe instead of three and the control."""
+    models = ("base_encoder", *RUNS)
     stages = []
-    for stage in STAGES:
+    for stage in pipeline_stages(defs.resolve_asset_graph()):
         if stage.assets == ("mmret_clip",):
-            stage = dataclasses.replace(stage, keys=("base_encoder", *RUNS))
+            stage = dataclasses.replace(stage, keys=models)
         elif stage.assets == ("benchmark_scores",):
-            stage = dataclasses.replace(
-                stage, keys=tuple(f"demo_cir|{m}" for m in ("base_encoder", *RUNS))
-            )
+            stage = dataclasses.replace(stage, keys=tuple(
+                key for key in stage.keys if key.keys_by_dimension["model"] in models
+            ))
         stages.append(stage)
     return stages
 

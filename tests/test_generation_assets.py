@@ -14,14 +14,18 @@ from dagster import DagsterInstance
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
-from megapairs_dagster.jobs.pipeline import STAGES, materialize_pipeline
+from megapairs_dagster.jobs.pipeline import (
+    materialize_pipeline,
+    pipeline_stages,
+    stages_upstream_of,
+)
 from megapairs_dagster.resources.settings import Generation
 from megapairs_dagster.synthesis.generation.template import TemplateDescriber
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 TESTS = Path(__file__).parent
 SHARDS = ["00000", "00001", "00002", "00003"]
-UP_TO_PAIRS = tuple(STAGES[: [s.assets[0] for s in STAGES].index("pair_descriptions")])
+UP_TO_PAIRS = stages_upstream_of(pipeline_stages(defs.resolve_asset_graph()), "pair_descriptions")
 
 
 @pytest.fixture(scope="module")

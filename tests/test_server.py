@@ -10,15 +10,20 @@ import subprocess
 import time
 
 import pytest
-from dagster import AssetKey, AssetMaterialization, DagsterEventType, DagsterInstance
+from dagster import AssetKey, DagsterEventType
 from dagster_server import DAGSTER, REPO, running_server
 
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact
-from megapairs_dagster.jobs.schedules import AFTER_INDEX, INGEST_AND_EMBED, shard_work
+from megapairs_dagster.assets.partitions import shards
+from megapairs_dagster.definitions import defs
 from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.views import VIEWS
 
-PER_SHARD = [*INGEST_AND_EMBED, *AFTER_INDEX]
+GRAPH = defs.resolve_asset_graph()
+INGEST_AND_EMBED = [key.to_user_string() for key in GRAPH.toposorted_asset_keys
+                    if GRAPH.get(key).group_name == "ingest_and_embed"]
+PER_SHARD = [key.to_user_string() for key in GRAPH.toposorted_asset_keys
+             if GRAPH.get(key).partitions_def == shards]
 GLOBAL = ["base_encoders", "image_index", *(f"knn_index_{v}" for v in VIEWS), "view_report",
           "megapairs_export"]
 
@@ -74,11 +79,11 @@ def test_a_new_shard_flows_through_its_own_partitions_only(server):
     assert _idle(server)
     after = _counts(server, PER_SHARD + GLOBAL)
     for name in PER_SHARD:
-        # The old shard is never recomputed. The new shard must be materialised. One CI-like
-        # run once saw its `triplets` twice: a tick that read "not materialised" and "not in
-        # progress" on either side of the step's commit. The conditions now skip partitions
-        # requested since they were last seen materialised (tests/test_automation.py shows it
-        # in process); until many server runs confirm it, "at least once" is asserted here.
+        # The old shard is never recomputed; the new shard is materialised at least once. That
+        # a partition is requested only once, even when a tick reads "not materialised" and
+        # "not in progress" on either side of the step's commit, is checked tick by tick in
+        # tests/test_automation.py; here the daemon's tick timing is not controlled, so only
+        # the lower bound is asserted.
         assert set(after[name]) == {"00000", "00001"}, (name, after[name])
         assert after[name]["00000"] == 1 and after[name]["00001"] >= 1, (name, after[name])
     assert after["base_encoders"] == {None: 1}  # the baseline is not retrained
@@ -167,22 +172,3 @@ def test_dagster_asset_materialize_one_partition_as_the_readme_shows(server):
     print(f"\ndagster asset materialize image_pairs[00000]: {time.monotonic() - started:.0f}s")
     after = server.materializations("image_pairs")
     assert after["00000"] == before["00000"] + 1 and after["00001"] == before["00001"]
-
-
-def test_nightly_schedule_picks_missing_and_stale_shards():
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("shards", ["00000", "00001"])
-    parents = {"image_pairs": [f"neighbors_{v}" for v in VIEWS]}
-    for name in PER_SHARD:
-        instance.report_runless_asset_event(AssetMaterialization(name, partition="00000"))
-    for name in INGEST_AND_EMBED:
-        instance.report_runless_asset_event(AssetMaterialization(name, partition="00001"))
-    work = shard_work(instance, {}, parents)
-    assert work == {"00001": list(AFTER_INDEX)}  # ingest done, the rest missing
-    # a same-shard dependency newer than image_pairs makes it (and only it) stale
-    instance.report_runless_asset_event(AssetMaterialization("neighbors_clip_image", partition="00000"))
-    work = shard_work(instance, {}, parents)
-    assert work["00000"] == ["image_pairs"]
-    # a code version the materialisations were not made with makes every partition stale
-    work = shard_work(instance, {"triplets": "2"}, {})
-    assert work["00000"] == ["triplets"]

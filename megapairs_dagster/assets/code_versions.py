@@ -19,46 +19,16 @@ from collections.abc import Iterable, Mapping
 from dagster import ConfigurableResource, EnvVar, map_asset_specs
 
 from megapairs_dagster.resources.settings import versioned_fields
-from megapairs_dagster.synthesis.views import VIEWS
 
-# Each generation step reads its own model; a new instruction model leaves the descriptions alone.
-_GENERATION_SHARED = (
-    "backend",
-    "prompt_version",
-    "max_attempts",
-    "max_new_tokens",
-    "temperature",
-    "seed",
-)
-DESCRIBE = tuple(
-    f"generation.{name}"
-    for name in (
-        *_GENERATION_SHARED, "description_model", "word_budget_min", "word_budget_max",
-        "max_caption_changes",
-    )
-)
-INSTRUCT = tuple(
-    f"generation.{name}" for name in (*_GENERATION_SHARED, "instruction_model", "min_instructions")
-)
+VERSIONED_BY = "megapairs/versioned_by"
 
-# Asset name → the settings it reads that shape its output: a resource key (all its versioned
-# settings) or "resource.setting". Assets not named here read none: embeddings take their
-# encoder from base_encoders; triplets, the export and the scores take
-# everything from their inputs.
-VERSIONED_SETTINGS: dict[str, tuple[str, ...]] = {
-    "corpus_images": ("corpus_source",),
-    "corpus_rejects": ("corpus_source",),
-    "base_encoders": ("encoders",),
-    **{f"knn_index_{view}": ("indexes.memory_budget_gb", "indexes.index_spec") for view in VIEWS},
-    **{f"neighbors_{view}": ("indexes.neighbors_k",) for view in VIEWS},
-    "view_report": ("mining.windows",),
-    "image_pairs": ("mining",),
-    "pair_descriptions": DESCRIBE,
-    "description_rejects": DESCRIBE,
-    "instructions": INSTRUCT,
-    "instruction_rejects": INSTRUCT,
-    "mmret_clip": ("training",),
-}
+
+def versioned_by(*selectors: str) -> dict[str, list[str]]:
+    """Asset metadata naming the settings that shape the asset's output: a resource key (all its
+    versioned settings) or ``"resource.setting"``. Declared on the decorator, shown in the UI,
+    and hashed into the code version by :func:`with_config_versions`. An asset that takes
+    everything from its inputs (embeddings take their encoder from base_encoders) names none."""
+    return {VERSIONED_BY: list(selectors)}
 
 
 def settings_hash(resources: Mapping[str, ConfigurableResource], selectors: Iterable[str]) -> str:
@@ -92,7 +62,7 @@ def with_config_versions(assets: Iterable, resources: Mapping[str, ConfigurableR
     """The same assets, each with its code version extended by the hash of its settings."""
 
     def version(spec):
-        selectors = VERSIONED_SETTINGS.get(spec.key.to_user_string())
+        selectors = (spec.metadata or {}).get(VERSIONED_BY)
         if not selectors:
             return spec
         return spec.replace_attributes(

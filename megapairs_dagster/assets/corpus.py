@@ -5,6 +5,8 @@ from collections import Counter
 
 from dagster import AssetExecutionContext, AssetOut, MetadataValue, Output, multi_asset
 
+from megapairs_dagster.assets.code_versions import versioned_by
+from megapairs_dagster.assets.conditions import catch_up_only
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import CorpusSource
@@ -17,15 +19,17 @@ from megapairs_dagster.synthesis.readers import discover_shards
         "corpus_images": AssetOut(
             description="Normalised RGB JPEGs (longest side ≤ max_side) with caption, "
             "content-derived int64 image_id, sha256 and size.",
-            io_manager_key="io_manager",
+            metadata=versioned_by("corpus_source"),
+            automation_condition=catch_up_only(),
         ),
         "corpus_rejects": AssetOut(
             description="Inputs that could not be used, each with a reason and detail.",
-            io_manager_key="io_manager",
+            metadata=versioned_by("corpus_source"),
+            automation_condition=catch_up_only(),
         ),
     },
     partitions_def=shards,
-    group_name="corpus",
+    group_name="ingest_and_embed",
     code_version="1",
     retry_policy=TRANSIENT_RETRY,
 )

@@ -5,6 +5,8 @@ import json
 import pandas as pd
 from dagster import AssetDep, AssetExecutionContext, AssetIn, MetadataValue, Output, asset
 
+from megapairs_dagster.assets.code_versions import versioned_by
+from megapairs_dagster.assets.conditions import rebuild_after_updates
 from megapairs_dagster.assets.lookup import corpus_lookup
 from megapairs_dagster.demo.relations import RELATION_TYPES, attribute_differences
 from megapairs_dagster.resources.settings import Mining
@@ -26,6 +28,8 @@ def relation_table(rows: dict[str, dict[str, float]]) -> MetadataValue:
     deps=[AssetDep("corpus_images")],
     ins={f"neighbors_{view}": AssetIn() for view in VIEWS},
     code_version="1",
+    metadata=versioned_by("mining.windows"),
+    automation_condition=rebuild_after_updates(),
     description="Per view: share of neighbours inside the mining window, caption overlap of "
     "in-window pairs vs random pairs, and (when the corpus records scenes, as the demo does) "
     "how often each attribute differs between an image and its in-window neighbours.",

@@ -8,6 +8,7 @@ import pandas as pd
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue, Output, asset
 
 from megapairs_dagster.artifacts import Embeddings
+from megapairs_dagster.assets.conditions import per_shard
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Compute
@@ -40,9 +41,10 @@ def build_embeddings_asset(view: str) -> AssetsDefinition:
     @asset(
         name=f"embeddings_{view}",
         partitions_def=shards,
-        group_name="embeddings",
+        group_name="ingest_and_embed",
         ins={"corpus_images": AssetIn(), "base_encoders": AssetIn()},
-        code_version="1",
+        code_version="1",  # the encoder comes from base_encoders: no settings of its own
+        automation_condition=per_shard(global_deps=["base_encoders"]),
         description=f"L2-normalised float16 {VIEWS[view]} embeddings, row-aligned with "
         "corpus_images.",
         pool=GPU_POOL,

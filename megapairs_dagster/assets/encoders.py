@@ -9,6 +9,8 @@ import numpy as np
 from dagster import AssetDep, AssetExecutionContext, MetadataValue, Output, asset
 
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact
+from megapairs_dagster.assets.code_versions import versioned_by
+from megapairs_dagster.assets.conditions import baseline_once
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.plots import line_plot
 from megapairs_dagster.resources.settings import Encoders
@@ -37,6 +39,9 @@ def _training_sample(context: AssetExecutionContext, store, limit: int, seed: in
     group_name="encoders",
     deps=[AssetDep("corpus_images")],
     code_version="1",
+    metadata=versioned_by("encoders"),
+    # the baseline every embedding was made with: adding shards must not silently retrain it
+    automation_condition=baseline_once(),
     description="Encoders of the clip_image, clip_caption and dino_image views, pinned by "
     "name, tag and file hashes. The demo profile trains a small CLIP on the corpus captions.",
 )

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from dagster import (
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
@@ -19,9 +20,11 @@ from dagster import (
 )
 
 from megapairs_dagster.artifacts import read_table, write_table
+from megapairs_dagster.assets.code_versions import versioned_by
+from megapairs_dagster.assets.conditions import UpdatedAfter, per_shard
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
-from megapairs_dagster.resources.settings import Generation
+from megapairs_dagster.resources.settings import Generation, domain_config
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.chunked import config_hash, run_in_chunks
 from megapairs_dagster.synthesis.generation.backends import (
@@ -42,20 +45,22 @@ from megapairs_dagster.synthesis.image_index import read_images
 
 Tables = tuple[pd.DataFrame, pd.DataFrame]
 
-
-def _backend_settings(generation: Generation) -> BackendSettings:
-    return BackendSettings(
-        backend=generation.backend,
-        description_model=generation.description_model,
-        instruction_model=generation.instruction_model,
-        prompt_version=generation.prompt_version,
-        max_new_tokens=generation.max_new_tokens,
-        temperature=generation.temperature,
-        batch_size=generation.batch_size,
-        device=generation.device,
-        dtype=generation.dtype,
-        trust_remote_code=generation.trust_remote_code,
+# The settings that shape each step's output: each step reads its own model, so a new
+# instruction model leaves the descriptions alone.
+_SHARED = ("backend", "prompt_version", "max_attempts", "max_new_tokens", "temperature", "seed")
+DESCRIBE = tuple(
+    f"generation.{name}" for name in (
+        *_SHARED, "description_model", "word_budget_min", "word_budget_max", "max_caption_changes",
     )
+)
+INSTRUCT = tuple(
+    f"generation.{name}" for name in (*_SHARED, "instruction_model", "min_instructions")
+)
+# Both steps read the images of every pair, which may live in other shards, through the image
+# index: they wait until it was rebuilt after this shard was ingested.
+AFTER_IMAGE_INDEX = per_shard(
+    global_deps=["image_index"], fresh=UpdatedAfter("image_index", "corpus_images")
+)
 
 
 def _pair_inputs(
@@ -149,12 +154,18 @@ def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
 
 @multi_asset(
     outs={
-        "pair_descriptions": AssetOut(description="What each pair shares and how it differs."),
-        "description_rejects": AssetOut(description="Pairs whose description was rejected."),
+        "pair_descriptions": AssetOut(
+            description="What each pair shares and how it differs.",
+            metadata=versioned_by(*DESCRIBE), automation_condition=AFTER_IMAGE_INDEX,
+        ),
+        "description_rejects": AssetOut(
+            description="Pairs whose description was rejected.",
+            metadata=versioned_by(*DESCRIBE), automation_condition=AFTER_IMAGE_INDEX,
+        ),
     },
     ins={"image_pairs": AssetIn(), "image_index": AssetIn()},
     partitions_def=shards,
-    group_name="instructions",
+    group_name="synthesis",
     code_version="1",
     pool=GPU_POOL,
     op_tags=GPU_TAGS,
@@ -168,7 +179,7 @@ def pair_descriptions(
     generation: Generation,
     store: ArtifactStore,
 ):
-    describer = make_describer(_backend_settings(generation))
+    describer = make_describer(domain_config(BackendSettings, generation))
     config = {
         "step": "describe",
         "backend": describer.identity,
@@ -210,13 +221,20 @@ def pair_descriptions(
 
 @multi_asset(
     outs={
-        "instructions": AssetOut(description="≥ 3 validated retrieval instructions per pair."),
-        "instruction_rejects": AssetOut(description="Pairs whose LLM output was rejected."),
+        "instructions": AssetOut(
+            description="≥ 3 validated retrieval instructions per pair.",
+            metadata=versioned_by(*INSTRUCT), automation_condition=AFTER_IMAGE_INDEX,
+        ),
+        "instruction_rejects": AssetOut(
+            description="Pairs whose LLM output was rejected.",
+            metadata=versioned_by(*INSTRUCT), automation_condition=AFTER_IMAGE_INDEX,
+        ),
     },
     ins={"pair_descriptions": AssetIn(), "image_index": AssetIn()},
     partitions_def=shards,
-    group_name="instructions",
+    group_name="synthesis",
     code_version="1",
+    # A low parse rate flags the generator; the instructions kept are valid, so it only warns.
     check_specs=[AssetCheckSpec("parse_rate", asset="instructions")],
     pool=GPU_POOL,
     op_tags=GPU_TAGS,
@@ -230,7 +248,7 @@ def instructions(
     generation: Generation,
     store: ArtifactStore,
 ):
-    instructor = make_instructor(_backend_settings(generation))
+    instructor = make_instructor(domain_config(BackendSettings, generation))
     demonstrations = load_demonstrations(generation.prompt_version)
     config = {
         "step": "instruct",
@@ -274,7 +292,7 @@ def instructions(
     yield Output(_per_run(context, rejects_by_shard, batched), output_name="instruction_rejects",
                  metadata=_reject_metadata(rejects, total))
     yield AssetCheckResult(
-        check_name="parse_rate", asset_key="instructions",
+        check_name="parse_rate", asset_key="instructions", severity=AssetCheckSeverity.WARN,
         passed=parse_rate >= generation.min_parse_rate,
         metadata={"parse_rate": parse_rate, "threshold": generation.min_parse_rate},
     )

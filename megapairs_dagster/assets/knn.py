@@ -17,6 +17,8 @@ from dagster import (
 )
 
 from megapairs_dagster.artifacts import Embeddings, KnnIndexArtifact
+from megapairs_dagster.assets.code_versions import versioned_by
+from megapairs_dagster.assets.conditions import UpdatedAfter, per_shard, rebuild_after_updates
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Indexes
@@ -45,10 +47,13 @@ def build_knn_assets(view: str, indexes: Indexes) -> list[AssetsDefinition]:
 
     @asset(
         name=index_name,
-        group_name="knn",
+        group_name="indexes",
         ins={"embeddings": AssetIn(f"embeddings_{view}")},
         code_version="1",
-        check_specs=[AssetCheckSpec("recall_at_k", asset=index_name)],
+        metadata=versioned_by("indexes.memory_budget_gb", "indexes.index_spec"),
+        automation_condition=rebuild_after_updates(),
+        # An index that cannot find true neighbours must not feed mining.
+        check_specs=[AssetCheckSpec("recall_at_k", asset=index_name, blocking=True)],
         op_tags=index_pod_tags(indexes),
         description=f"faiss index over every shard's {VIEWS[view]} embeddings; the type is "
         "chosen from the collection size and a memory budget.",
@@ -90,9 +95,14 @@ def build_knn_assets(view: str, indexes: Indexes) -> list[AssetsDefinition]:
     @asset(
         name=neighbors_name,
         partitions_def=shards,
-        group_name="knn",
+        group_name="neighbors",
         ins={"embeddings": AssetIn(f"embeddings_{view}"), "index": AssetIn(index_name)},
         code_version="1",
+        metadata=versioned_by("indexes.neighbors_k"),
+        # the index searched must already hold this shard's embeddings
+        automation_condition=per_shard(
+            global_deps=[index_name], fresh=UpdatedAfter(index_name, f"embeddings_{view}")
+        ),
         retry_policy=TRANSIENT_RETRY,
         description=f"Top-k {VIEWS[view]} neighbours of each image of the shard, with scores "
         "(the image itself and exact duplicates excluded).",

@@ -18,6 +18,7 @@ from dagster import (
 )
 
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact, load_columns
+from megapairs_dagster.assets.conditions import rebuild_after_updates
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.diagnostics import scenes_from_meta
 from megapairs_dagster.synthesis.image_index import build_image_index
@@ -26,9 +27,10 @@ CORPUS = AssetKey("corpus_images")
 
 
 @asset(
-    group_name="corpus",
+    group_name="indexes",
     deps=[AssetDep("corpus_images")],
     code_version="1",
+    automation_condition=rebuild_after_updates(),
     description="Every ingested image's shard and row in corpus_images (sorted by image id). "
     "Rebuilt incrementally: only shards ingested since the last build are read.",
 )

@@ -12,6 +12,8 @@ from dagster import (
     asset,
 )
 
+from megapairs_dagster.assets.code_versions import versioned_by
+from megapairs_dagster.assets.conditions import per_shard
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.plots import histogram
 from megapairs_dagster.resources.settings import Mining
@@ -21,13 +23,16 @@ from megapairs_dagster.synthesis.views import VIEWS
 
 @asset(
     partitions_def=shards,
-    group_name="pairs",
+    group_name="synthesis",
     ins={f"neighbors_{view}": AssetIn() for view in VIEWS},
     code_version="1",
+    metadata=versioned_by("mining"),
+    automation_condition=per_shard(),
+    # Pairs that break mining's contract must not reach the (GPU-bound) generation steps.
     check_specs=[
-        AssetCheckSpec("scores_inside_window", asset="image_pairs"),
-        AssetCheckSpec("no_self_pairs", asset="image_pairs"),
-        AssetCheckSpec("query_is_first_hard_negative", asset="image_pairs"),
+        AssetCheckSpec("scores_inside_window", asset="image_pairs", blocking=True),
+        AssetCheckSpec("no_self_pairs", asset="image_pairs", blocking=True),
+        AssetCheckSpec("query_is_first_hard_negative", asset="image_pairs", blocking=True),
     ],
     description="(query, target) pairs whose similarity in at least one view lies inside that "
     "view's window, with the views that found them and hard negatives (query first).",

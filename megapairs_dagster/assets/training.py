@@ -28,11 +28,12 @@ from dagster import (
 )
 
 from megapairs_dagster import __version__
+from megapairs_dagster.assets.code_versions import versioned_by
 from megapairs_dagster.assets.plots import line_plot
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.resources.profiles import BASE_ENCODER, TrainingRun
-from megapairs_dagster.resources.settings import Compute, Training
+from megapairs_dagster.resources.settings import Compute, Training, domain_config
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.retrieval import (
     DEFAULT_HARD_NEGATIVES,
@@ -119,6 +120,8 @@ def build_training_asset(runs: Mapping[str, TrainingRun]) -> AssetsDefinition:
         ins={"base_encoders": AssetIn(), "image_index": AssetIn()},
         deps=[AssetDep("triplets", partition_mapping=AllPartitionMapping())],
         code_version="1",
+        metadata=versioned_by("training"),
+        # no automation condition: a training run costs GPU-days and is launched deliberately
         pool=GPU_POOL,
         op_tags=GPU_TAGS,
         description="MMRet-CLIP checkpoint (safetensors + config) trained with InfoNCE over "
@@ -144,12 +147,7 @@ def build_training_asset(runs: Mapping[str, TrainingRun]) -> AssetsDefinition:
                           data_version=DataVersion(json.dumps(source, sort_keys=True)))
         model = open_model(source, store)
         seed = training.seed + run.seed_offset
-        train_config = TrainConfig(
-            max_steps=training.max_steps, batch_size=training.batch_size,
-            grad_accum_steps=training.grad_accum_steps, learning_rate=training.learning_rate,
-            warmup_steps=training.warmup_steps, caption_loss_weight=training.caption_loss_weight,
-            seed=seed, device=compute.device,
-        )
+        train_config = domain_config(TrainConfig, training, seed=seed, device=compute.device)
         if run.data == "captions":
             dataset, data = _caption_set(store, image_index, model, training)
             train_config.batch_size *= IMAGES_PER_TRIPLET

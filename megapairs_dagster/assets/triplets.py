@@ -3,6 +3,7 @@
 import pandas as pd
 from dagster import (
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
@@ -13,6 +14,7 @@ from dagster import (
 )
 
 from megapairs_dagster.artifacts import artifact_relpath, load_columns
+from megapairs_dagster.assets.conditions import per_shard, rebuild_after_updates
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
 from megapairs_dagster.resources.store import ArtifactStore
@@ -28,7 +30,7 @@ def triplet_store(store: ArtifactStore) -> TripletStore:
 
 @asset(
     partitions_def=shards,
-    group_name="triplets",
+    group_name="synthesis",
     ins={
         "image_pairs": AssetIn(),
         "pair_descriptions": AssetIn(),
@@ -36,9 +38,11 @@ def triplet_store(store: ArtifactStore) -> TripletStore:
     },
     deps=[AssetDep("corpus_images")],
     code_version="1",
+    automation_condition=per_shard(),
     retry_policy=TRANSIENT_RETRY,
     check_specs=[
-        AssetCheckSpec("no_duplicate_pairs", asset="triplets"),
+        # duplicates would be counted twice by training and the export
+        AssetCheckSpec("no_duplicate_pairs", asset="triplets", blocking=True),
         AssetCheckSpec(
             "triplets_from_pairs", asset="triplets",
             description="A shard with mined pairs yields at least one triplet; none means "
@@ -98,16 +102,18 @@ def triplets(
     )
     yield AssetCheckResult(
         check_name="triplets_from_pairs",
+        severity=AssetCheckSeverity.WARN,  # an empty shard is suspicious, not wrong
         passed=len(rows) > 0 or len(image_pairs) == 0,
         metadata={"pairs": len(image_pairs), "triplets": len(rows)},
     )
 
 
 @asset(
-    group_name="triplets",
+    group_name="export",
     deps=[AssetDep("triplets")],
     ins={"image_index": AssetIn()},
     code_version="1",
+    automation_condition=rebuild_after_updates(),
     check_specs=[AssetCheckSpec(
         "no_duplicate_pairs_across_shards", asset="megapairs_export",
         description="No (query, target) pair in the triplets of two shards.",

@@ -1,64 +1,34 @@
-"""Jobs, sensors (the shard sensor, the automation sensor) and schedules."""
+"""Jobs, derived from the asset groups, and the sensors (new shards, automation)."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable
 
-from dagster import AssetSelection, define_asset_job
+from dagster import AssetsDefinition, AssetSelection, define_asset_job
 
-from megapairs_dagster.assets.evaluation import benchmark_by_model
-from megapairs_dagster.assets.partitions import shards
-from megapairs_dagster.assets.training import training_partitions
-from megapairs_dagster.jobs.automation import automation_sensor, with_automation  # noqa: F401
-from megapairs_dagster.jobs.schedules import schedules  # noqa: F401
+from megapairs_dagster.jobs.automation import automation_sensor
 from megapairs_dagster.jobs.sensors import shard_sensor
-from megapairs_dagster.resources.profiles import TrainingRun
-from megapairs_dagster.synthesis.views import VIEWS
-
-ingest_and_embed_job = define_asset_job(
-    "ingest_and_embed",
-    selection=AssetSelection.groups("corpus", "embeddings"),
-    partitions_def=shards,
-    description="Ingest and embed shards (needs base_encoders).",
-)
-indexes_job = define_asset_job(
-    "indexes",
-    selection=AssetSelection.assets(*[f"knn_index_{view}" for view in VIEWS]),
-    description="Rebuild every view's KNN index over all shards.",
-)
-neighbors_job = define_asset_job(
-    "neighbors",
-    selection=AssetSelection.assets(*[f"neighbors_{view}" for view in VIEWS]),
-    partitions_def=shards,
-    description="Search each shard's neighbours in every view.",
-)
-
-synthesis_job = define_asset_job(
-    "synthesis",
-    selection=AssetSelection.assets(
-        "image_pairs", "pair_descriptions", "description_rejects", "instructions",
-        "instruction_rejects", "triplets",
-    ),
-    partitions_def=shards,
-    description="Mine pairs, describe them, write instructions and the triplet tables for shards "
-    "(needs their neighbours).",
-)
-
-
-def build_jobs(runs: Mapping[str, TrainingRun], benchmarks: Sequence[str]) -> list:
-    """The named jobs; training and evaluation are partitioned by the deployment's runs."""
-    training_job = define_asset_job(
-        "training",
-        selection=AssetSelection.assets("mmret_clip"),
-        partitions_def=training_partitions(runs),
-        description="Train one MMRet-CLIP run (a partition of mmret_clip) on every triplet.",
-    )
-    evaluation_job = define_asset_job(
-        "evaluation",
-        selection=AssetSelection.assets("benchmark_scores"),
-        partitions_def=benchmark_by_model(runs, benchmarks),
-        description="Score a model on a benchmark (a benchmark|model partition).",
-    )
-    return [ingest_and_embed_job, indexes_job, neighbors_job, synthesis_job, training_job,
-            evaluation_job]
-
 
 sensors = [shard_sensor, automation_sensor]
+
+
+def build_jobs(assets: Iterable[AssetsDefinition]) -> list:
+    """One job per asset group, named after it (``synthesis`` materialises the synthesis
+    group for the shards it is launched with). A group's assets share one partitioning, so
+    each job launches with the partitions of its assets; a new asset joins its group's job."""
+    groups: dict[str, list[AssetsDefinition]] = {}
+    for definition in assets:
+        for group in set(definition.group_names_by_key.values()):
+            groups.setdefault(group, []).append(definition)
+    jobs = []
+    for group, members in sorted(groups.items()):
+        partitionings = {repr(member.partitions_def) for member in members}
+        if len(partitionings) > 1:
+            raise ValueError(
+                f"asset group {group!r} mixes partitionings ({sorted(partitionings)}): a group "
+                "is one job, so give each partitioning its own group"
+            )
+        names = sorted({key.to_user_string() for member in members for key in member.keys})
+        jobs.append(define_asset_job(
+            group, selection=AssetSelection.groups(group),
+            description=f"Materialise the {group} group: {', '.join(names)}.",
+        ))
+    return jobs

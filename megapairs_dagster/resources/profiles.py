@@ -5,8 +5,8 @@ uses the MegaPairs paper's encoders and a corpus and store given by environment 
 
 A deployment's own settings (models, devices, paths, windows, backends, extra training runs)
 go in one YAML file named by ``MEGAPAIRS_CONFIG``. It is merged into the profile when the code
-location loads, so every run reads it: runs started by sensors, automation and schedules as
-much as launched ones (``-c run_config.yaml`` stays for one-off overrides). The executor comes
+location loads, so every run reads it: runs started by sensors and automation as much
+as launched ones (``-c run_config.yaml`` stays for one-off overrides). The executor comes
 from ``MEGAPAIRS_EXECUTOR``.
 """
 
