@@ -1,7 +1,7 @@
 """Instruction-generation backends by name: one place that maps configuration to objects.
 
 ``template`` needs no model (the offline default); ``transformers`` runs local Hugging Face
-models. vLLM (in-process) and OpenAI-compatible servers plug in here as further names.
+models. A further backend is one more name here and in the ``generation.backend`` setting.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ BACKENDS = ("template", "transformers")
 
 @dataclass(frozen=True)
 class BackendSettings:
+    """The settings the backends read. The assets fill it from the ``generation`` resource's
+    settings of the same names (``resources.settings.domain_config``), so a field here keeps
+    its setting's name."""
+
     backend: str = "template"
     description_model: str | None = None  # MLLM: local directory or hub id
     instruction_model: str | None = None  # LLM: local directory or hub id

@@ -2,9 +2,9 @@
 
 Step 1 (MLLM): look at the query and the target image and describe, in a sampled word
 budget, what they share and how they differ. Step 2 (LLM): rewrite that description into at
-least three retrieval instructions. Backends (``template``, ``transformers``, later ``vllm`` and
-``openai``) only turn prompts into raw text; parsing, validation, retries and rejects live
-outside them so every backend is held to the same rules.
+least three retrieval instructions. Backends (``template`` and ``transformers``, chosen by
+name in ``backends.py``) only turn prompts into raw text; parsing, validation, retries and
+rejects live outside them so every backend is held to the same rules.
 """
 
 from __future__ import annotations

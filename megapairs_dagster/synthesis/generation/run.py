@@ -21,9 +21,9 @@ from .base import (
     InstructionRequest,
     PairInput,
 )
+from .caption_diff import caption_changes
 from .parsing import BACKEND_ERROR, TOO_DIFFERENT, parse_instructions, validate_description
 from .prompts import sample_demonstrations
-from .template import caption_changes
 
 DESCRIPTION_COLUMNS = ["pair_id", "description", "word_budget", "attempts"]
 INSTRUCTION_COLUMNS = ["pair_id", "instructions", "attempts"]
