@@ -1,14 +1,29 @@
 """The artifact store: atomic local writes, and the pipeline's artifacts round-tripping S3."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import small_demo_resources
-from dagster import DagsterInstance, materialize
+from dagster import (
+    AssetExecutionContext,
+    BackfillPolicy,
+    DagsterInstance,
+    DynamicPartitionsDefinition,
+    asset,
+    materialize,
+)
 from s3_server import moto_s3
 
-from megapairs_dagster.artifacts import Embeddings, artifact_relpath, load_artifact
+from megapairs_dagster import __version__
+from megapairs_dagster.artifacts import (
+    Embeddings,
+    KnnIndexArtifact,
+    artifact_relpath,
+    load_artifact,
+)
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
+from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.storage import ArtifactStoreClient
 
 
@@ -77,3 +92,140 @@ def test_corpus_and_embeddings_round_trip_through_s3(tmp_path):
     np.testing.assert_array_equal(remote_embeddings.ids, embeddings.ids)
     assert remote_embeddings.vectors.shape == embeddings.vectors.shape
     assert remote_embeddings.produced_by["asset"] == "embeddings_clip_image"
+
+
+# A small graph through the IO manager alone: what it writes where, and what readers receive.
+parts = DynamicPartitionsDefinition(name="parts")
+
+
+@asset(partitions_def=parts, backfill_policy=BackfillPolicy.single_run(), code_version="3")
+def table(context: AssetExecutionContext):
+    frames = {key: pd.DataFrame({"part": [key]}) for key in context.partition_keys}
+    return frames if len(frames) > 1 else frames[context.partition_key]
+
+
+@asset(partitions_def=parts)
+def vectors(context: AssetExecutionContext, table: pd.DataFrame) -> Embeddings:
+    assert list(table["part"]) == [context.partition_key]
+    return Embeddings(ids=np.arange(2), vectors=np.eye(2, 4))
+
+
+@asset
+def summary(table: dict) -> dict:
+    return {"parts": list(table), "rows": [frame["part"].tolist() for frame in table.values()]}
+
+
+@asset
+def index() -> KnnIndexArtifact:
+    return KnnIndexArtifact(ids=np.arange(3), index_bytes=b"faiss")
+
+
+@asset(partitions_def=parts, backfill_policy=BackfillPolicy.single_run())
+def wrong_keys(context: AssetExecutionContext) -> dict:
+    return {"elsewhere": pd.DataFrame()}
+
+
+@asset
+def unsupported() -> list:
+    return [1, 2]
+
+
+@asset
+def reads_summary(summary: dict) -> dict:
+    return summary
+
+
+GRAPH = [table, vectors, summary, index, wrong_keys, unsupported, reads_summary]
+
+
+def _io_run(root, selection, partition=None, **run):
+    store = ArtifactStore(url=str(root))
+    return materialize(
+        GRAPH, selection=selection, partition_key=partition,
+        resources={"io_manager": ArtifactIOManager(store=store)}, **run,
+    )
+
+
+def _range(instance, start, end) -> dict:
+    tags = {"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end}
+    return {"instance": instance, "tags": tags}
+
+
+def _cause(error: BaseException, kind: type) -> BaseException:
+    while not isinstance(error, kind):
+        assert error.__cause__ is not None, f"no {kind.__name__} behind {error!r}"
+        error = error.__cause__
+    return error
+
+
+def test_io_manager_lays_out_artifacts_by_asset_partition_and_type(tmp_path):
+    root, instance = tmp_path / "store", DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("parts", ["a"])
+    first = _io_run(root, ["table", "vectors"], "a", instance=instance)
+    second = _io_run(root, ["summary", "index"], instance=instance)
+
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files == ["index/data.faiss.npz", "summary/data.json", "table/a.parquet",
+                     "vectors/a.embeddings.npz"]
+    client = ArtifactStoreClient(str(root))
+    for result, name, partition, suffix in [
+        (first, "table", "a", ".parquet"), (first, "vectors", "a", Embeddings.SUFFIX),
+        (second, "summary", None, ".json"), (second, "index", None, KnnIndexArtifact.SUFFIX),
+    ]:
+        relpath = artifact_relpath([name], partition) + suffix
+        [materialization] = result.asset_materializations_for_node(name)
+        assert materialization.metadata["path"].value == client.url(relpath)
+        assert materialization.metadata["bytes"].value == len(client.read_bytes(relpath))
+        if name == "summary":
+            continue
+        artifact = load_artifact(client, artifact_relpath([name], partition))
+        produced_by = getattr(artifact, "produced_by", None) or artifact.attrs["produced_by"]
+        assert produced_by == {
+            "run_id": result.run_id, "asset": name, "partition": partition,
+            "code_version": "3" if name == "table" else None, "package_version": __version__,
+        }
+    # A non-partitioned reader of one partition still gets {partition: value}.
+    assert load_artifact(client, artifact_relpath(["summary"], None)) == {
+        "parts": ["a"], "rows": [["a"]]}
+
+
+def test_a_run_over_several_partitions_writes_each_and_readers_get_them_sorted(tmp_path):
+    root, instance = tmp_path / "store", DagsterInstance.ephemeral()
+    client = ArtifactStoreClient(str(root))
+    _io_run(root, ["summary"], instance=instance)
+    assert load_artifact(client, artifact_relpath(["summary"], None)) == {"parts": [], "rows": []}
+    instance.add_dynamic_partitions("parts", ["a", "c", "b"])
+    result = _io_run(root, ["table"], **_range(instance, "c", "b"))
+    assert sorted(m.partition for m in result.asset_materializations_for_node("table")) == [
+        "b", "c"]
+    for partition in ("b", "c"):
+        written = load_artifact(client, artifact_relpath(["table"], partition))
+        assert list(written["part"]) == [partition]
+        assert written.attrs["produced_by"]["partition"] == partition
+    _io_run(root, ["table"], "a", instance=instance)
+    _io_run(root, ["summary"], instance=instance)
+    assert load_artifact(client, artifact_relpath(["summary"], None)) == {
+        "parts": ["a", "b", "c"], "rows": [["a"], ["b"], ["c"]]}
+
+
+def test_a_run_over_several_partitions_must_return_exactly_their_values(tmp_path):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("parts", ["a", "b"])
+    with pytest.raises(Exception) as raised:
+        _io_run(tmp_path, ["wrong_keys"], **_range(instance, "a", "b"))
+    assert "wrong_keys ran for partitions ['a', 'b']" in str(_cause(raised.value, TypeError))
+
+
+def test_unsupported_output_type_names_the_asset(tmp_path):
+    with pytest.raises(Exception) as raised:
+        _io_run(tmp_path, ["unsupported"])
+    assert "unsupported returned list" in str(_cause(raised.value, TypeError))
+    assert not any(tmp_path.rglob("*.*"))
+
+
+def test_missing_input_artifact_names_its_url(tmp_path):
+    with pytest.raises(Exception) as raised:
+        _io_run(tmp_path / "store", ["reads_summary"])
+    message = str(_cause(raised.value, FileNotFoundError))
+    assert str(tmp_path / "store" / "summary" / "data") in message
+    assert "materialise the upstream asset first" in message

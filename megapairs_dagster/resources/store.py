@@ -6,13 +6,16 @@ from typing import Any
 
 import pandas as pd
 from dagster import (
-    ConfigurableIOManager,
+    ConfigurableIOManagerFactory,
     ConfigurableResource,
+    InitResourceContext,
     InputContext,
     MetadataValue,
     OutputContext,
     ResourceDependency,
+    UPathIOManager,
 )
+from upath import UPath
 
 from megapairs_dagster import __version__
 from megapairs_dagster.artifacts import (
@@ -50,43 +53,60 @@ class ArtifactStore(ConfigurableResource):
         return ArtifactStoreClient(self.url, self.storage_options(), self.cache_dir)
 
 
-class ArtifactIOManager(ConfigurableIOManager):
+class ArtifactUPathIOManager(UPathIOManager):
     """Stores DataFrames as parquet, dicts as JSON and matrices as npz in the artifact store.
 
-    Every write is atomic and tagged with the run, asset and partition that produced it.
-    A non-partitioned asset reading a partitioned one receives ``{partition: value}``.
+    Paths are ``artifacts.artifact_relpath``'s layout, the one every reader uses. The suffix
+    depends on the object's type, so there is no single ``extension``: writes add it and
+    ``load_artifact`` finds it. Every write is atomic (``ArtifactStoreClient.write_bytes``) and
+    tagged with the run, asset and partition that produced it.
     """
 
-    store: ResourceDependency[ArtifactStore]
+    def __init__(self, client: ArtifactStoreClient):
+        super().__init__(base_path=client.root)
+        self._client = client
 
-    def _client(self) -> ArtifactStoreClient:
-        return self.store.client()
+    def get_asset_relative_path(self, context: InputContext | OutputContext) -> UPath:
+        """``<asset>/data`` for an unpartitioned asset, rather than the base class's ``<asset>``."""
+        if context.has_asset_partitions:
+            return super().get_asset_relative_path(context)
+        return UPath(artifact_relpath(context.asset_key.path, None))
 
     def handle_output(self, context: OutputContext, obj: Any) -> None:
+        """The base class refuses a run over several partitions and records the path without
+        the suffix; here such a run returns ``{partition: value}`` and each is written."""
         if obj is None:
             return
-        if context.has_asset_partitions and not context.has_partition_key:
-            # A run over several partitions returns {partition: value}.
-            expected = set(context.asset_partition_keys)
-            if not isinstance(obj, dict) or set(obj) != expected:
-                raise TypeError(
-                    f"{context.asset_key.to_user_string()} ran for partitions {sorted(expected)} "
-                    "and must return a dict with exactly those keys"
-                )
-            for partition, value in obj.items():
-                self._write(context, value, partition)
+        if not context.has_asset_partitions:
+            self.dump_to_path(context, obj, self._get_path(context))
             return
-        self._write(context, obj, context.partition_key if context.has_partition_key else None)
+        paths = self._get_paths_for_partitions(context)
+        if context.has_partition_key:
+            self.dump_to_path(context, obj, paths[context.asset_partition_key])
+            return
+        if not isinstance(obj, dict) or set(obj) != set(paths):
+            raise TypeError(
+                f"{context.asset_key.to_user_string()} ran for partitions {sorted(paths)} "
+                "and must return a dict with exactly those keys"
+            )
+        for partition, value in obj.items():
+            self._write(context, value, paths[partition], partition)
 
-    def _write(self, context: OutputContext, obj: Any, partition: str | None) -> None:
-        relpath = artifact_relpath(context.asset_key.path, partition)
+    def dump_to_path(self, context: OutputContext, obj: Any, path: UPath) -> None:
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        written, size = self._write(context, obj, path, partition)
+        context.add_output_metadata(
+            {"path": MetadataValue.path(str(written)), "bytes": MetadataValue.int(size)}
+        )
+
+    def _write(
+        self, context: OutputContext, obj: Any, path: UPath, partition: str | None
+    ) -> tuple[UPath, int]:
         produced_by = {
             "run_id": context.run_id,
             "asset": context.asset_key.to_user_string(),
             "partition": partition,
-            "code_version": context.definition_metadata.get("code_version")
-            if context.definition_metadata
-            else None,
+            "code_version": context.asset_spec.code_version,
             "package_version": __version__,
         }
         if isinstance(obj, pd.DataFrame):
@@ -101,18 +121,38 @@ class ArtifactIOManager(ConfigurableIOManager):
                 f"{context.asset_key.to_user_string()} returned {type(obj).__name__}; the artifact "
                 "store keeps DataFrames, dicts, Embeddings and KnnIndexArtifact"
             )
-        path = self._client().write_bytes(relpath + suffix, data)
-        if context.has_partition_key or partition is None:
-            context.add_output_metadata(
-                {"path": MetadataValue.path(str(path)), "bytes": MetadataValue.int(len(data))}
-            )
+        return self._client.write_bytes(self._relpath(path) + suffix, data), len(data)
+
+    def load_from_path(self, context: InputContext, path: UPath) -> Any:
+        return load_artifact(self._client, self._relpath(path))
 
     def load_input(self, context: InputContext) -> Any:
-        client = self._client()
-        key_path = context.asset_key.path
-        if not context.has_asset_partitions:
-            return load_artifact(client, artifact_relpath(key_path, None))
+        """No partitions yet reads as ``{}`` (the base class gives None, which fails a dict input)."""
+        if context.has_asset_partitions and not context.asset_partition_keys:
+            return {}
+        return super().load_input(context)
+
+    def load_partitions(self, context: InputContext) -> Any:
+        """A partitioned step reading its own partition gets the value; any other reader gets
+        ``{partition: value}`` sorted by key, even for one partition (the base class would
+        hand that one over bare)."""
+        loaded = super().load_partitions(context)
         keys = context.asset_partition_keys
-        if context.has_partition_key and len(keys) == 1:
-            return load_artifact(client, artifact_relpath(key_path, keys[0]))
-        return {key: load_artifact(client, artifact_relpath(key_path, key)) for key in sorted(keys)}
+        if len(keys) == 1:
+            if context.has_partition_key:
+                return loaded
+            loaded = {} if loaded is None else {keys[0]: loaded}
+        return dict(sorted(loaded.items()))
+
+    def _relpath(self, path: UPath) -> str:
+        return path.relative_to(self._client.root).as_posix()
+
+
+class ArtifactIOManager(ConfigurableIOManagerFactory):
+    """The IO manager over the same ``ArtifactStore`` resource the assets use, so one store
+    configuration (URL, endpoint; credentials from the environment) serves both."""
+
+    store: ResourceDependency[ArtifactStore]
+
+    def create_io_manager(self, context: InitResourceContext) -> ArtifactUPathIOManager:
+        return ArtifactUPathIOManager(self.store.client())
