@@ -38,7 +38,7 @@ def test_embed_images_is_normalised_row_aligned_and_worker_independent(view, cor
     result = embed_images(encoder, jpegs, batch_size=5, num_workers=0, progress=lambda d, t: seen.append((d, t)))
     _assert_unit_float16(result.vectors, len(jpegs), encoder.embed_dim)
     assert seen[-1] == (24, 24) and len(seen) == 5
-    assert result.rows == 24 and result.items_per_second > 0
+    assert result.rows == 24 and result.seconds > 0
 
     permutation = np.random.default_rng(0).permutation(len(jpegs))
     permuted = embed_images(encoder, [jpegs[i] for i in permutation], batch_size=7, num_workers=2)

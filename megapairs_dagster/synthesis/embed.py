@@ -33,17 +33,6 @@ class EmbeddingResult:
     def rows(self) -> int:
         return int(self.vectors.shape[0])
 
-    @property
-    def items_per_second(self) -> float:
-        return self.rows / self.seconds if self.seconds > 0 else 0.0
-
-    def stats(self) -> dict:
-        return {
-            "rows": self.rows,
-            "seconds": round(self.seconds, 3),
-            "items_per_second": round(self.items_per_second, 1),
-        }
-
 
 class _DecodedJpegs(Dataset):
     """Decodes and preprocesses one image per item, inside a DataLoader worker."""
