@@ -184,6 +184,11 @@ def test_io_manager_lays_out_artifacts_by_asset_partition_and_type(tmp_path):
             "run_id": result.run_id, "asset": name, "partition": partition,
             "code_version": "3" if name == "table" else None, "package_version": __version__,
         }
+    # A table's columns reach the UI as Dagster's column schema, with their Parquet types.
+    [table_event] = first.asset_materializations_for_node("table")
+    schema = table_event.metadata["dagster/column_schema"].schema
+    assert [column.name for column in schema.columns] == ["part"]
+    assert schema.columns[0].type.endswith("string")  # Arrow's string or large_string
     # A non-partitioned reader of one partition still gets {partition: value}.
     assert load_artifact(client, artifact_relpath(["summary"], None)) == {
         "parts": ["a"], "rows": [["a"]]}

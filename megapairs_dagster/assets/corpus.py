@@ -55,7 +55,7 @@ def corpus(context: AssetExecutionContext, corpus_source: CorpusSource):
         images,
         output_name="corpus_images",
         metadata={
-            "rows": len(images),
+            "dagster/row_count": len(images),
             "source": MetadataValue.path(shard.url),
             "preview": MetadataValue.json(
                 images[["key", "width", "height", "caption"]].head(5).to_dict("records")
@@ -65,6 +65,6 @@ def corpus(context: AssetExecutionContext, corpus_source: CorpusSource):
     yield Output(
         rejects,
         output_name="corpus_rejects",
-        metadata={"rows": len(rejects), **{f"reason/{r}": n for r, n in sorted(reasons.items())}},
+        metadata={"dagster/row_count": len(rejects), **{f"reason/{r}": n for r, n in sorted(reasons.items())}},
     )
 

@@ -77,7 +77,7 @@ def build_embeddings_asset(view: str) -> AssetsDefinition:
         return Output(
             results if isinstance(corpus_images, dict) else results[context.partition_key],
             metadata={
-                "rows": rows,
+                "dagster/row_count": rows,
                 "shards": len(results),
                 "dim": int(next(iter(results.values())).vectors.shape[1]),
                 "items_per_second": rows / seconds if seconds else 0.0,

@@ -146,7 +146,7 @@ def _provenance(frame: pd.DataFrame, identity: dict, prompt_version: str, digest
 def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
     counts = rejects["reason"].value_counts().to_dict() if len(rejects) else {}
     return {
-        "rejects": len(rejects),
+        "dagster/row_count": len(rejects),
         "reject_rate": len(rejects) / total if total else 0.0,
         **{f"reason/{reason}": int(n) for reason, n in sorted(counts.items())},
     }
@@ -213,7 +213,7 @@ def pair_descriptions(
     total = sum(len(frame) for frame in _per_shard(context, image_pairs).values())
     rejects = pd.concat(rejects_by_shard.values(), ignore_index=True)
     yield Output(_per_run(context, rows_by_shard, batched), output_name="pair_descriptions",
-                 metadata={"rows": sum(len(r) for r in rows_by_shard.values()),
+                 metadata={"dagster/row_count": sum(len(r) for r in rows_by_shard.values()),
                            "config_hash": digest, "pairs": total})
     yield Output(_per_run(context, rejects_by_shard, batched), output_name="description_rejects",
                  metadata=_reject_metadata(rejects, total))
@@ -288,7 +288,7 @@ def instructions(
     parse_rate = produced / total if total else 1.0
     rejects = pd.concat(rejects_by_shard.values(), ignore_index=True)
     yield Output(_per_run(context, rows_by_shard, batched), output_name="instructions",
-                 metadata={"rows": produced, "parse_rate": parse_rate, "config_hash": digest})
+                 metadata={"dagster/row_count": produced, "parse_rate": parse_rate, "config_hash": digest})
     yield Output(_per_run(context, rejects_by_shard, batched), output_name="instruction_rejects",
                  metadata=_reject_metadata(rejects, total))
     yield AssetCheckResult(

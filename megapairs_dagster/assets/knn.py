@@ -121,7 +121,7 @@ def build_knn_assets(view: str, indexes: Indexes) -> list[AssetsDefinition]:
         return Output(
             frame,
             metadata={
-                "rows": len(frame),
+                "dagster/row_count": len(frame),
                 "k": indexes.neighbors_k,
                 "index_spec": index.produced_by.get("spec", ""),
                 "top1_score_median": float(np.median(top1)) if top1 else 0.0,

@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 from dagster import (
     ConfigurableIOManagerFactory,
     ConfigurableResource,
@@ -13,6 +14,8 @@ from dagster import (
     MetadataValue,
     OutputContext,
     ResourceDependency,
+    TableColumn,
+    TableSchema,
     UPathIOManager,
 )
 from upath import UPath
@@ -77,6 +80,10 @@ class ArtifactUPathIOManager(UPathIOManager):
         the suffix; here such a run returns ``{partition: value}`` and each is written."""
         if obj is None:
             return
+        tables = [v for v in (obj.values() if isinstance(obj, dict) else [obj])
+                  if isinstance(v, pd.DataFrame)]
+        if tables:
+            context.add_output_metadata({"dagster/column_schema": column_schema(tables[0])})
         if not context.has_asset_partitions:
             self.dump_to_path(context, obj, self._get_path(context))
             return
@@ -156,3 +163,9 @@ class ArtifactIOManager(ConfigurableIOManagerFactory):
 
     def create_io_manager(self, context: InitResourceContext) -> ArtifactUPathIOManager:
         return ArtifactUPathIOManager(self.store.client())
+
+
+def column_schema(frame: pd.DataFrame) -> TableSchema:
+    """The table's columns with their Parquet (Arrow) types, as the UI shows a table's schema."""
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    return TableSchema(columns=[TableColumn(field.name, str(field.type)) for field in schema])
