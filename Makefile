@@ -32,12 +32,13 @@ $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/megapairs demo
 
+# The whole suite, as CI runs it; the 20 slowest tests are listed at the end.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20
 
-# Everything but the paper-profile rehearsal (about 12 minutes of its own).
+# The unit tests only (no `slow` or `integration` marker): the loop while editing.
 test-fast: install
-	$(PY) -m pytest -m "not rehearsal"
+	$(PY) -m pytest -m "not slow and not integration"
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(PORT) -w workspace.yaml

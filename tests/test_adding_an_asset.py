@@ -13,7 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import megapairs_dagster
+
+pytestmark = pytest.mark.slow
 
 PACKAGE = Path(megapairs_dagster.__file__).parent
 

@@ -23,6 +23,8 @@ from megapairs_dagster.definitions import build_definitions, defs
 from megapairs_dagster.resources.profiles import resources_for
 from megapairs_dagster.synthesis.views import VIEWS
 
+pytestmark = pytest.mark.slow
+
 
 def _group(*groups: str) -> list[str]:
     graph = defs.resolve_asset_graph()

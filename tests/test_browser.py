@@ -15,13 +15,13 @@ from dagster_server import REPO, running_server
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = REPO / "tests" / "artifacts"
-GROUPS = ["corpus", "encoders", "embeddings", "knn", "pairs", "instructions", "triplets"]
+GROUPS = ["ingest_and_embed", "encoders", "indexes", "neighbors", "synthesis", "export"]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
     reason="needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium "
     "chromium-driver; .ci/run installs them in CI)",
-)
+)]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from megapairs_dagster.resources.profiles import resources_for
 from megapairs_dagster.resources.settings import Encoders, Training
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
+pytestmark = pytest.mark.integration
+
 SHARDS, IMAGES_PER_SHARD = 2, 400
 RUNS = ("demo",)
 

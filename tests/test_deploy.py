@@ -51,6 +51,8 @@ from megapairs_dagster.resources.profiles import Deployment, load_deployment
 from megapairs_dagster.resources.settings import Encoders
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 TESTS = Path(__file__).resolve().parent

@@ -23,6 +23,8 @@ from megapairs_dagster.resources.settings import Generation
 from megapairs_dagster.synthesis.generation.template import TemplateDescriber
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
+pytestmark = pytest.mark.integration
+
 TESTS = Path(__file__).parent
 SHARDS = ["00000", "00001", "00002", "00003"]
 UP_TO_PAIRS = stages_upstream_of(pipeline_stages(defs.resolve_asset_graph()), "pair_descriptions")

@@ -27,6 +27,8 @@ from megapairs_dagster.synthesis.megapairs_format import read_megapairs
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 from megapairs_dagster.synthesis.views import VIEWS
 
+pytestmark = pytest.mark.integration
+
 PER_SHARD_ASSETS = ["corpus_images", "corpus_rejects"] + [
     f"{stage}_{view}" for stage in ("embeddings", "neighbors") for view in VIEWS
 ] + ["image_pairs", "pair_descriptions", "description_rejects", "instructions",

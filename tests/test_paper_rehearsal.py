@@ -70,7 +70,7 @@ from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.demo import write_demo_benchmark, write_demo_shard
 from megapairs_dagster.storage import ArtifactStoreClient
 
-pytestmark = pytest.mark.rehearsal
+pytestmark = pytest.mark.integration
 
 README_SECTION = "Running on a real corpus and real models"
 IMAGES_PER_SHARD = 16

@@ -19,6 +19,8 @@ from megapairs_dagster.definitions import defs
 from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.views import VIEWS
 
+pytestmark = pytest.mark.integration
+
 GRAPH = defs.resolve_asset_graph()
 INGEST_AND_EMBED = [key.to_user_string() for key in GRAPH.toposorted_asset_keys
                     if GRAPH.get(key).group_name == "ingest_and_embed"]

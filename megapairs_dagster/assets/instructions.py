@@ -56,11 +56,20 @@ DESCRIBE = tuple(
 INSTRUCT = tuple(
     f"generation.{name}" for name in (*_SHARED, "instruction_model", "min_instructions")
 )
-# Both steps read the images of every pair, which may live in other shards, through the image
-# index: they wait until it was rebuilt after this shard was ingested.
-AFTER_IMAGE_INDEX = per_shard(
-    global_deps=["image_index"], fresh=UpdatedAfter("image_index", "corpus_images")
-)
+
+
+def _step_outs(settings: tuple[str, ...], **descriptions: str) -> dict[str, AssetOut]:
+    """A step's table and its rejects: versioned by the step's settings, and run once the image
+    index holds the shard (both steps read the images of every pair, which may live in other
+    shards, through it)."""
+    condition = per_shard(
+        global_deps=["image_index"], fresh=UpdatedAfter("image_index", "corpus_images")
+    )
+    return {
+        name: AssetOut(description=text, metadata=versioned_by(*settings),
+                       automation_condition=condition)
+        for name, text in descriptions.items()
+    }
 
 
 def _pair_inputs(
@@ -153,16 +162,11 @@ def _reject_metadata(rejects: pd.DataFrame, total: int) -> dict:
 
 
 @multi_asset(
-    outs={
-        "pair_descriptions": AssetOut(
-            description="What each pair shares and how it differs.",
-            metadata=versioned_by(*DESCRIBE), automation_condition=AFTER_IMAGE_INDEX,
-        ),
-        "description_rejects": AssetOut(
-            description="Pairs whose description was rejected.",
-            metadata=versioned_by(*DESCRIBE), automation_condition=AFTER_IMAGE_INDEX,
-        ),
-    },
+    outs=_step_outs(
+        DESCRIBE,
+        pair_descriptions="What each pair shares and how it differs.",
+        description_rejects="Pairs whose description was rejected.",
+    ),
     ins={"image_pairs": AssetIn(), "image_index": AssetIn()},
     partitions_def=shards,
     group_name="synthesis",
@@ -220,16 +224,11 @@ def pair_descriptions(
 
 
 @multi_asset(
-    outs={
-        "instructions": AssetOut(
-            description="≥ 3 validated retrieval instructions per pair.",
-            metadata=versioned_by(*INSTRUCT), automation_condition=AFTER_IMAGE_INDEX,
-        ),
-        "instruction_rejects": AssetOut(
-            description="Pairs whose LLM output was rejected.",
-            metadata=versioned_by(*INSTRUCT), automation_condition=AFTER_IMAGE_INDEX,
-        ),
-    },
+    outs=_step_outs(
+        INSTRUCT,
+        instructions="≥ 3 validated retrieval instructions per pair.",
+        instruction_rejects="Pairs whose LLM output was rejected.",
+    ),
     ins={"pair_descriptions": AssetIn(), "image_index": AssetIn()},
     partitions_def=shards,
     group_name="synthesis",
