@@ -9,6 +9,8 @@ from megapairs_dagster.synthesis.bootstrap import train_demo_clip
 from megapairs_dagster.synthesis.embed import embed_images, embed_texts
 from megapairs_dagster.synthesis.encoders import load_clip
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def corpus():

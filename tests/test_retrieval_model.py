@@ -15,7 +15,7 @@ from megapairs_dagster.retrieval import (
     VARIANTS,
     MMRetCLIP,
     composed_infonce,
-    image_caption_infonce,
+    training_loss,
 )
 from megapairs_dagster.synthesis.encoders import load_clip
 
@@ -147,11 +147,27 @@ def test_infonce_matches_hand_computation():
     assert second.item() == pytest.approx(-math.log(exps[1] / sum(exps)), rel=1e-6)
 
 
-def test_image_caption_term_is_symmetric_clip_loss():
-    images = F.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0]]), dim=-1)
-    captions = F.normalize(torch.tensor([[0.9, 0.0], [0.3, 1.0]]), dim=-1)
-    logits = images @ captions.T / 0.1
-    labels = torch.arange(2)
+def test_caption_term_is_clip_loss_by_its_definition():
+    """open_clip's ClipLoss, as the trainer calls it, is CLIP's symmetric InfoNCE: the mean of
+    the image->caption and caption->image cross-entropies of logits / temperature."""
+    torch.manual_seed(0)
+    images, captions, queries, positives = F.normalize(torch.randn(4, 3, 8), dim=-1)
+    temperature = 0.1
+    logits = images @ captions.T / temperature
+    labels = torch.arange(3)
     expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    loss = image_caption_infonce(images, captions, images, captions, temperature=0.1)
-    torch.testing.assert_close(loss, expected)
+    caption_only = training_loss(
+        {"images": images, "captions": captions}, temperature=temperature, caption_loss_weight=1
+    )
+    torch.testing.assert_close(caption_only, expected)
+    # Beside triplets, the caption's image is the query image: the hard negatives' first.
+    negatives = torch.stack([images, positives.roll(1, dims=0)], dim=1)
+    triplets = {"queries": queries, "positives": positives, "negatives": negatives}
+    with_captions = training_loss(
+        {**triplets, "captions": captions}, temperature=temperature, caption_loss_weight=0.5
+    )
+    composed = composed_infonce(queries, positives, negatives, temperature=temperature)
+    torch.testing.assert_close(with_captions, composed + 0.5 * expected)
+    torch.testing.assert_close(
+        training_loss(triplets, temperature=temperature, caption_loss_weight=0), composed
+    )

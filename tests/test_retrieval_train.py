@@ -195,6 +195,18 @@ def test_training_loss_falls_on_shape_triplets():
     assert model.clip.logit_scale.requires_grad is False
 
 
+def test_progress_can_end_a_run_with_a_constant_learning_rate():
+    """The demo bootstrap's use: no decay, and its callback decides when to stop."""
+    config = TrainConfig(
+        max_steps=100, batch_size=8, learning_rate=1e-3, warmup_steps=2, lr_decay=False
+    )
+    report = train_mmret(
+        tiny_model(), shapes_dataset(tiny_model()), config, progress=lambda p: p.step == 4
+    )
+    assert report.steps == 4 and report.samples == 32
+    assert report.learning_rates == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     config = TrainConfig(
         max_steps=6, batch_size=8, learning_rate=1e-3, checkpoint_dir=str(tmp_path / "ckpt"),

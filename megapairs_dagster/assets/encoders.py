@@ -38,7 +38,7 @@ def _training_sample(context: AssetExecutionContext, store, limit: int, seed: in
 @asset(
     group_name="encoders",
     deps=[AssetDep("corpus_images")],
-    code_version="1",
+    code_version="2",  # 2: the demo CLIP is trained by the MMRet trainer
     metadata=versioned_by("encoders"),
     # the baseline every embedding was made with: adding shards must not silently retrain it
     automation_condition=baseline_once(),

@@ -1,7 +1,7 @@
 """Framework-free MMRet retrievers: models, losses, trainer, inference API (no dagster import)."""
 
 from .data import DEFAULT_HARD_NEGATIVES, CaptionSet, ImagePixels, MMRetTrainingSet, PairExample
-from .loss import composed_infonce, gather_global, image_caption_infonce
+from .loss import composed_infonce, training_loss
 from .model import VARIANTS, MMRetCLIP
 from .train import StepProgress, TrainConfig, TrainReport, train_mmret
 
@@ -17,7 +17,6 @@ __all__ = [
     "TrainConfig",
     "TrainReport",
     "composed_infonce",
-    "gather_global",
-    "image_caption_infonce",
     "train_mmret",
+    "training_loss",
 ]

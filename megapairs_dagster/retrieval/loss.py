@@ -1,4 +1,4 @@
-"""MMRet's InfoNCE over the global batch, and the optional image-caption alignment term.
+"""MMRet's InfoNCE over the global batch, and the optional image-caption term.
 
 Candidates of every query are ALL positives and ALL hard negatives of the global batch
 (every process's): with batch B and K hard negatives per query that is B·(1+K) candidates,
@@ -6,20 +6,20 @@ of which one is the query's own positive. This is our reading of the paper's "In
 in-batch candidates plus 1 positive and 4 hard negatives per query": the in-batch
 candidates are the other queries' positives and hard negatives. Two queries sharing an
 image (one's target is another's negative) make a false negative; like the paper, we do not
-mask them.
+mask them. The image-caption term is CLIP's own loss, open_clip's ``ClipLoss``.
 
-Across processes, ``gather_global`` concatenates embeddings with gradient flowing back to
-their owner (all-gather backward sums the gradient of every process's loss), so with
-DistributedDataParallel averaging parameter gradients, W processes x batch b train exactly
-like one process with batch W·b.
+Across processes, both terms take this process's rows against the global batch, gathered by
+open_clip's all-gather with gradient flowing back to each row's owner (its backward sums
+the gradient of every process's loss), so with DistributedDataParallel averaging parameter
+gradients, W processes x batch b train exactly like one process with batch W·b.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss, gather_features
 
 
 def world() -> tuple[int, int]:
@@ -27,13 +27,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def gather_global(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's ``local`` (rank order), differentiably."""
-    if world()[1] == 1:
-        return local
-    return torch.cat(dist_fn.all_gather(local.contiguous()))
 
 
 def composed_infonce(
@@ -53,20 +46,38 @@ def composed_infonce(
     return F.cross_entropy(logits, labels)
 
 
-def image_caption_infonce(
-    images: torch.Tensor,
-    captions: torch.Tensor,
-    all_images: torch.Tensor,
-    all_captions: torch.Tensor,
-    *,
-    temperature: float,
-    query_offset: int = 0,
+def training_loss(
+    embeddings: dict[str, torch.Tensor], *, temperature: float, caption_loss_weight: float
 ) -> torch.Tensor:
-    """CLIP's symmetric image<->caption InfoNCE for the local rows against the global batch.
+    """The trainer's objective for this process's normalised embeddings: composed InfoNCE
+    (``queries``, ``positives``, ``negatives`` with the query image first) plus
+    ``caption_loss_weight`` x CLIP's loss of images against ``captions``; a caption-only
+    batch (``images``, ``captions``) has only the caption term.
 
-    Kept as an optional term because training on triplets alone erodes plain caption
-    retrieval (a previous experiment here halved its R@1)."""
-    labels = torch.arange(len(images), device=images.device) + query_offset
-    image_to_text = F.cross_entropy(images @ all_captions.T / temperature, labels)
-    text_to_image = F.cross_entropy(captions @ all_images.T / temperature, labels)
-    return (image_to_text + text_to_image) / 2
+    The caption term is kept as an option because training on triplets alone erodes plain
+    caption retrieval (a previous experiment here halved its R@1)."""
+    rank, world_size = world()
+    loss = torch.zeros((), device=next(iter(embeddings.values())).device)
+    if "queries" in embeddings:
+        queries, positives, negatives = (
+            embeddings["queries"], embeddings["positives"], embeddings["negatives"]
+        )
+        if world_size > 1:
+            positives, negatives = gather_features(
+                positives, negatives, local_loss=True, gather_with_grad=True,
+                rank=rank, world_size=world_size,
+            )
+        loss = loss + composed_infonce(
+            queries, positives, negatives,
+            temperature=temperature, query_offset=rank * len(queries),
+        )
+    if caption_loss_weight:
+        images = embeddings["negatives"][:, 0] if "queries" in embeddings else embeddings["images"]
+        clip_loss = ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size
+        )
+        # contiguous: the query-image column is a strided view, and all-gather needs dense rows
+        loss = loss + caption_loss_weight * clip_loss(
+            images.contiguous(), embeddings["captions"], 1 / temperature
+        )
+    return loss

@@ -16,6 +16,10 @@ forward is deterministic: no dropout), for one extra forward pass.
 CLIP's learned ``logit_scale`` (and ``logit_bias``) is frozen: the temperature is fixed
 (paper: 0.02), and a parameter that gets no gradient would stall DistributedDataParallel.
 Every other weight is trained.
+
+A run ends after ``max_steps``, or earlier when the ``progress`` callback says so: the demo
+bootstrap trains its CLIP from scratch here, evaluating every few steps until held-out
+retrieval plateaus (it then keeps the learning rate constant, as it cannot know the length).
 """
 
 from __future__ import annotations
@@ -34,12 +38,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from megapairs_dagster.retrieval.data import CaptionSet, MMRetTrainingSet
-from megapairs_dagster.retrieval.loss import (
-    composed_infonce,
-    gather_global,
-    image_caption_infonce,
-    world,
-)
+from megapairs_dagster.retrieval.loss import training_loss, world
 from megapairs_dagster.retrieval.model import DEFAULT_TEMPERATURE, MMRetCLIP
 from megapairs_dagster.synthesis.encoders import resolve_device
 
@@ -54,6 +53,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     learning_rate: float = 5e-6  # the paper's
     warmup_steps: int = 0
+    lr_decay: bool = True  # linear to 0 at max_steps; False: constant after the warmup
     weight_decay: float = 0.01
     temperature: float = DEFAULT_TEMPERATURE
     caption_loss_weight: float = 0.0  # 0 = the paper's recipe (triplets only)
@@ -89,11 +89,14 @@ class TrainReport:
     learning_rates: list[float] = field(default_factory=list)
 
 
-def _linear_schedule(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if not config.lr_decay:
+            return 1.0
+        remaining = config.max_steps - step
+        return max(0.0, remaining / max(1, config.max_steps - config.warmup_steps))
 
     return factor
 
@@ -174,44 +177,19 @@ def _embed(
     return embeddings
 
 
-def _loss(embeddings: dict[str, torch.Tensor], config: TrainConfig, rank: int) -> torch.Tensor:
-    """This process's queries against the global batch's candidates, plus the weighted
-    image-caption term (the only term of a caption-only batch)."""
-    local_rows = embeddings["queries"] if "queries" in embeddings else embeddings["images"]
-    offset = rank * len(local_rows)
-    loss = local_rows.new_zeros(())
-    if "queries" in embeddings:
-        all_negatives = gather_global(embeddings["negatives"])
-        loss = loss + composed_infonce(
-            embeddings["queries"],
-            gather_global(embeddings["positives"]),
-            all_negatives,
-            temperature=config.temperature,
-            query_offset=offset,
-        )
-        images, all_images = embeddings["negatives"][:, 0], all_negatives[:, 0]
-    else:
-        images = embeddings["images"]
-        all_images = gather_global(images)
-    if config.caption_loss_weight:
-        loss = loss + config.caption_loss_weight * image_caption_infonce(
-            images,
-            embeddings["captions"],
-            all_images,
-            gather_global(embeddings["captions"]),
-            temperature=config.temperature,
-            query_offset=offset,
-        )
-    return loss
+def _loss(embeddings: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
+    return training_loss(
+        embeddings, temperature=config.temperature,
+        caption_loss_weight=config.caption_loss_weight,
+    )
 
 
 def _backward_step(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig, rank: int,
-    autocast,
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig, autocast
 ) -> torch.Tensor:
     """Accumulate the gradient of one optimizer step; returns this process's loss."""
     if config.grad_accum_steps == 1:
-        loss = _loss(_embed(model, batch, autocast), config, rank)
+        loss = _loss(_embed(model, batch, autocast), config)
         loss.backward()
         return loss.detach()
     micro_batches = [
@@ -224,7 +202,7 @@ def _backward_step(
         key: torch.cat([part[key] for part in cached]).requires_grad_()
         for key in cached[0]
     }
-    loss = _loss(full, config, rank)
+    loss = _loss(full, config)
     loss.backward()
     for i, micro in enumerate(micro_batches):
         is_last = i == len(micro_batches) - 1
@@ -262,12 +240,13 @@ def train_mmret(
     model: MMRetCLIP,
     dataset: MMRetTrainingSet | CaptionSet,
     config: TrainConfig,
-    progress: Callable[[StepProgress], None] | None = None,
+    progress: Callable[[StepProgress], bool | None] | None = None,
 ) -> TrainReport:
-    """Train ``model`` in place for ``config.max_steps`` optimizer steps (across resumes).
+    """Train ``model`` in place for ``config.max_steps`` optimizer steps (across resumes);
+    ``progress``, called after every step, ends the run by returning True.
 
-    Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments;
-    only rank 0 writes checkpoints.
+    Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments
+    (and its ``progress`` must return the same); only rank 0 writes checkpoints.
     """
     if config.caption_loss_weight and not dataset.has_captions:
         raise ValueError("caption_loss_weight > 0 needs a dataset built with captions")
@@ -288,9 +267,7 @@ def train_mmret(
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_schedule(config.warmup_steps, config.max_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     signature = _data_signature(config, len(dataset), world_size)
     state_path = Path(config.checkpoint_dir) / STATE_FILE if config.checkpoint_dir else None
     start_step, losses, learning_rates = 0, [], []
@@ -357,7 +334,7 @@ def train_mmret(
                 batch.pop("caption", None)
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             optimizer.zero_grad(set_to_none=True)
-            loss = _backward_step(trained, batch, config, rank, autocast)
+            loss = _backward_step(trained, batch, config, autocast)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             learning_rate = scheduler.get_last_lr()[0]
@@ -375,7 +352,7 @@ def train_mmret(
                 checkpoint_s += time.perf_counter() - saving
             if progress is not None:
                 elapsed = time.perf_counter() - started - checkpoint_s
-                progress(
+                stop = progress(
                     StepProgress(
                         step=step,
                         max_steps=config.max_steps,
@@ -384,6 +361,8 @@ def train_mmret(
                         samples_per_s=(step - start_step) * global_batch / elapsed,
                     )
                 )
+                if stop:
+                    break
             waited = time.perf_counter()
         seconds = time.perf_counter() - started - checkpoint_s
         if step > start_step and (
