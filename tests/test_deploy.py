@@ -430,7 +430,7 @@ def test_deployment_config_file_loads_for_the_paper_profile(no_deployment_env, m
         view: (0.8, 0.96) for view in ("clip_image", "dino_image", "clip_caption")}
     generation = resources["generation"]
     assert (generation.backend, generation.device, generation.dtype) == (
-        "transformers", "cuda", "bfloat16")
+        "openai", "cuda", "bfloat16")
     assert resources["encoders"].mode == "pretrained"
     # Every model is a local path on the models volume the pods mount (no hub in the cluster).
     (models_mount,) = [m["mountPath"] for m in _launcher_values()["volumeMounts"]

@@ -5,7 +5,8 @@ saved chunks: a crashed or cancelled run resumes where it stopped, and a rerun w
 inputs and settings reproduces the same output.
 """
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
 from dagster import (
@@ -24,6 +25,7 @@ from megapairs_dagster.assets.code_versions import versioned_by
 from megapairs_dagster.assets.conditions import UpdatedAfter, per_shard
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
+from megapairs_dagster.resources.generation_server import GenerationServer
 from megapairs_dagster.resources.settings import Generation, domain_config
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.synthesis.chunked import config_hash, run_in_chunks
@@ -70,6 +72,23 @@ def _step_outs(settings: tuple[str, ...], **descriptions: str) -> dict[str, Asse
                        automation_condition=condition)
         for name, text in descriptions.items()
     }
+
+
+@contextlib.contextmanager
+def _backend_settings(
+    generation: Generation, server: GenerationServer, step: str
+) -> Iterator[BackendSettings]:
+    """The step's backend settings; for the openai backend, with the address of an endpoint
+    serving the step's model for the whole run (a server started here stops on exit)."""
+    if generation.backend != "openai":
+        yield domain_config(BackendSettings, generation)
+        return
+    model = getattr(generation, f"{step}_model")
+    if not model:
+        raise ValueError(f"the openai backend needs generation.{step}_model")
+    with server.endpoint(model, step, dtype=generation.dtype,
+                         trust_remote_code=generation.trust_remote_code) as url:
+        yield domain_config(BackendSettings, generation, endpoint_url=url)
 
 
 def _pair_inputs(
@@ -181,38 +200,40 @@ def pair_descriptions(
     image_pairs,  # a DataFrame, or {shard: DataFrame} when the run spans several shards
     image_index: pd.DataFrame,
     generation: Generation,
+    generation_server: GenerationServer,
     store: ArtifactStore,
 ):
-    describer = make_describer(domain_config(BackendSettings, generation))
-    config = {
-        "step": "describe",
-        "backend": describer.identity,
-        "prompt_version": generation.prompt_version,
-        "seed": generation.seed,
-        "word_budget": [generation.word_budget_min, generation.word_budget_max],
-        "max_attempts": generation.max_attempts,
-        "max_caption_changes": generation.max_caption_changes,
-    }
-    digest = config_hash(config)
+    with _backend_settings(generation, generation_server, "description") as settings:
+        describer = make_describer(settings)
+        config = {
+            "step": "describe",
+            "backend": describer.identity,
+            "prompt_version": generation.prompt_version,
+            "seed": generation.seed,
+            "word_budget": [generation.word_budget_min, generation.word_budget_max],
+            "max_attempts": generation.max_attempts,
+            "max_caption_changes": generation.max_caption_changes,
+        }
+        digest = config_hash(config)
 
-    def work(chunk: Sequence[PairInput]) -> Tables:
-        return generate_descriptions(
-            chunk, describer, seed=generation.seed,
-            word_budget_range=(generation.word_budget_min, generation.word_budget_max),
-            max_attempts=generation.max_attempts, batch_size=generation.batch_size,
-            max_caption_changes=generation.max_caption_changes,
-        )
+        def work(chunk: Sequence[PairInput]) -> Tables:
+            return generate_descriptions(
+                chunk, describer, seed=generation.seed,
+                word_budget_range=(generation.word_budget_min, generation.word_budget_max),
+                max_attempts=generation.max_attempts, batch_size=generation.batch_size,
+                max_caption_changes=generation.max_caption_changes,
+            )
 
-    rows_by_shard, rejects_by_shard = {}, {}
-    for shard, shard_pairs in _per_shard(context, image_pairs).items():
-        pairs = _pair_inputs(store, image_index, shard_pairs, with_pixels=generation.backend != "template")
-        rows, rejects_by_shard[shard] = _chunked(
-            context, store, "pair_descriptions", shard, pairs, lambda p: p.pair_id, digest,
-            generation.chunk_size, work, DESCRIPTION_COLUMNS,
-        )
-        rows = shard_pairs[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
-        _provenance(rows, describer.identity, generation.prompt_version, digest)
-        rows_by_shard[shard] = rows
+        rows_by_shard, rejects_by_shard = {}, {}
+        for shard, shard_pairs in _per_shard(context, image_pairs).items():
+            pairs = _pair_inputs(store, image_index, shard_pairs, with_pixels=generation.backend != "template")
+            rows, rejects_by_shard[shard] = _chunked(
+                context, store, "pair_descriptions", shard, pairs, lambda p: p.pair_id, digest,
+                generation.chunk_size, work, DESCRIPTION_COLUMNS,
+            )
+            rows = shard_pairs[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
+            _provenance(rows, describer.identity, generation.prompt_version, digest)
+            rows_by_shard[shard] = rows
     batched = isinstance(image_pairs, dict)
     total = sum(len(frame) for frame in _per_shard(context, image_pairs).values())
     rejects = pd.concat(rejects_by_shard.values(), ignore_index=True)
@@ -245,42 +266,44 @@ def instructions(
     pair_descriptions,  # a DataFrame, or {shard: DataFrame} when the run spans several shards
     image_index: pd.DataFrame,
     generation: Generation,
+    generation_server: GenerationServer,
     store: ArtifactStore,
 ):
-    instructor = make_instructor(domain_config(BackendSettings, generation))
-    demonstrations = load_demonstrations(generation.prompt_version)
-    config = {
-        "step": "instruct",
-        "backend": instructor.identity,
-        "prompt_version": generation.prompt_version,
-        "seed": generation.seed,
-        "min_instructions": generation.min_instructions,
-        "max_attempts": generation.max_attempts,
-        "descriptions": sorted(
-            {h for frame in _per_shard(context, pair_descriptions).values()
-             for h in frame.get("config_hash", [])}
-        ),
-    }
-    digest = config_hash(config)
+    with _backend_settings(generation, generation_server, "instruction") as settings:
+        instructor = make_instructor(settings)
+        demonstrations = load_demonstrations(generation.prompt_version)
+        config = {
+            "step": "instruct",
+            "backend": instructor.identity,
+            "prompt_version": generation.prompt_version,
+            "seed": generation.seed,
+            "min_instructions": generation.min_instructions,
+            "max_attempts": generation.max_attempts,
+            "descriptions": sorted(
+                {h for frame in _per_shard(context, pair_descriptions).values()
+                 for h in frame.get("config_hash", [])}
+            ),
+        }
+        digest = config_hash(config)
 
-    def work(chunk: Sequence[tuple[PairInput, str]]) -> Tables:
-        return generate_instructions(
-            chunk, instructor, demonstrations=demonstrations, seed=generation.seed,
-            min_count=generation.min_instructions, max_attempts=generation.max_attempts,
-            batch_size=generation.batch_size,
-        )
+        def work(chunk: Sequence[tuple[PairInput, str]]) -> Tables:
+            return generate_instructions(
+                chunk, instructor, demonstrations=demonstrations, seed=generation.seed,
+                min_count=generation.min_instructions, max_attempts=generation.max_attempts,
+                batch_size=generation.batch_size,
+            )
 
-    rows_by_shard, rejects_by_shard = {}, {}
-    for shard, descriptions in _per_shard(context, pair_descriptions).items():
-        pairs = _pair_inputs(store, image_index, descriptions, with_pixels=False)
-        described = list(zip(pairs, descriptions["description"]))
-        rows, rejects_by_shard[shard] = _chunked(
-            context, store, "instructions", shard, described, lambda item: item[0].pair_id,
-            digest, generation.chunk_size, work, INSTRUCTION_COLUMNS,
-        )
-        rows = descriptions[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
-        _provenance(rows, instructor.identity, generation.prompt_version, digest)
-        rows_by_shard[shard] = rows
+        rows_by_shard, rejects_by_shard = {}, {}
+        for shard, descriptions in _per_shard(context, pair_descriptions).items():
+            pairs = _pair_inputs(store, image_index, descriptions, with_pixels=False)
+            described = list(zip(pairs, descriptions["description"]))
+            rows, rejects_by_shard[shard] = _chunked(
+                context, store, "instructions", shard, described, lambda item: item[0].pair_id,
+                digest, generation.chunk_size, work, INSTRUCTION_COLUMNS,
+            )
+            rows = descriptions[["pair_id", "query_id", "target_id"]].merge(rows, on="pair_id")
+            _provenance(rows, instructor.identity, generation.prompt_version, digest)
+            rows_by_shard[shard] = rows
     batched = isinstance(pair_descriptions, dict)
     total = sum(len(frame) for frame in _per_shard(context, pair_descriptions).values())
     produced = sum(len(rows) for rows in rows_by_shard.values())

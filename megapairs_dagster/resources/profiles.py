@@ -26,6 +26,7 @@ from dagster import (
     multiprocess_executor,
 )
 
+from megapairs_dagster.resources.generation_server import GenerationServer
 from megapairs_dagster.resources.settings import (
     BenchmarkData,
     Compute,
@@ -38,6 +39,7 @@ from megapairs_dagster.resources.settings import (
 )
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.synthesis.encoders import DEMO_DINO_IMAGE_SIZE
+from megapairs_dagster.synthesis.generation.prompts import PAPER_PROMPT_VERSION
 
 PROFILES = ("demo", "paper")
 EXECUTORS = ("in_process", "multiprocess", "k8s")
@@ -145,9 +147,19 @@ def _paper() -> tuple[dict[str, dict], dict[str, TrainingRun]]:
             "clip_pretrained": "merged2b_s8b_b131k", "dino_model": "facebook/dinov2-base",
             "foreground_only": False,
         },
+        # The paper's generators (InternVL2-26B describes, Llama-3-8B-Instruct instructs) served
+        # by vLLM: started per step by generation_server, or a cluster Service it points at.
+        # Model paths come from the environment; the paper's prompt rules (PAPER_PROMPT_VERSION).
         "generation": {
-            "backend": "transformers", "description_model": EnvVar("MEGAPAIRS_MLLM"),
-            "instruction_model": EnvVar("MEGAPAIRS_LLM"), "device": "cuda", "dtype": "bfloat16",
+            "backend": "openai", "description_model": EnvVar("MEGAPAIRS_MLLM"),
+            "instruction_model": EnvVar("MEGAPAIRS_LLM"), "prompt_version": PAPER_PROMPT_VERSION,
+            "device": "cuda", "dtype": "bfloat16", "trust_remote_code": True,
+            # Continuous batching wants many requests in flight; a batch is the driver's unit.
+            "batch_size": 256, "max_concurrency": 64,
+        },
+        "generation_server": {
+            "description_args": ["--max-model-len", "8192"],
+            "instruction_args": ["--max-model-len", "8192"],
         },
         "training": {"learning_rate": 5e-6, "caption_loss_weight": 0.0, "max_steps": 10_000,
                      "batch_size": 256},
@@ -163,6 +175,7 @@ RESOURCE_TYPES: dict[str, type[ConfigurableResource]] = {
     "indexes": Indexes,
     "mining": Mining,
     "generation": Generation,
+    "generation_server": GenerationServer,
     "benchmark_data": BenchmarkData,
     "training": Training,
 }

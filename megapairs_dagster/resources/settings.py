@@ -136,8 +136,10 @@ class Indexes(ConfigurableResource):
 class Generation(ConfigurableResource):
     """The two-step instruction generator: backend, models, prompts, retries and chunking."""
 
-    backend: Literal["template", "transformers"] = Field(
-        default="template", description="template (offline, no model) or transformers."
+    backend: Literal["template", "transformers", "openai"] = Field(
+        default="template",
+        description="template (offline, no model), transformers (local Hugging Face models) "
+        "or openai (an OpenAI-compatible endpoint: vllm serve, see generation_server).",
     )
     description_model: str | None = Field(
         default=None, description="Vision-language model for descriptions (dir or hub id)."
@@ -166,6 +168,18 @@ class Generation(ConfigurableResource):
     seed: int = 0
     min_parse_rate: float = unversioned(
         0.9, description="Asset check: share of pairs that must yield instructions."
+    )
+    # The openai backend: how requests reach the endpoint, not what they ask.
+    max_concurrency: int = unversioned(16, description="openai: requests in flight at once.")
+    request_timeout_s: float = unversioned(600.0, description="openai: seconds per request.")
+    max_retries: int = unversioned(
+        5, description="openai: retries of a request after 429/5xx/timeout/connection errors "
+        "(exponential backoff); then the step fails naming the endpoint, saved chunks kept.",
+    )
+    retry_backoff_s: float = unversioned(1.0, description="openai: first backoff, doubled per retry.")
+    api_key_env: str | None = unversioned(
+        None, description="openai: the environment variable holding the endpoint's API key "
+        "(the key itself never goes in config).",
     )
 
 

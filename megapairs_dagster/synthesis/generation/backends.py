@@ -1,7 +1,9 @@
 """Instruction-generation backends by name: one place that maps configuration to objects.
 
 ``template`` needs no model (the offline default); ``transformers`` runs local Hugging Face
-models. A further backend is one more name here and in the ``generation.backend`` setting.
+models; ``openai`` sends each request to an OpenAI-compatible endpoint (``vllm serve`` or
+another server; ``resources/generation_server.py`` gives the step its address). A further
+backend is one more name here and in the ``generation.backend`` setting.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from megapairs_dagster.synthesis.generation.prompts import (
 if TYPE_CHECKING:  # the encoders module imports open_clip; the template backend needs none
     from megapairs_dagster.synthesis.encoders import RecordedFiles
 
-BACKENDS = ("template", "transformers")
+BACKENDS = ("template", "transformers", "openai")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class BackendSettings:
     # when set, a model whose files changed is refused.
     description_files: RecordedFiles | None = None
     instruction_files: RecordedFiles | None = None
+    # The openai backend: the endpoint's address comes from the generation_server resource
+    # (an override, not a generation setting); the rest are generation settings.
+    endpoint_url: str | None = None
+    max_concurrency: int = 16
+    request_timeout_s: float = 600.0
+    max_retries: int = 5
+    retry_backoff_s: float = 1.0
+    api_key_env: str | None = None
 
 
 def make_describer(settings: BackendSettings) -> DescriptionBackend:
@@ -49,13 +59,20 @@ def make_describer(settings: BackendSettings) -> DescriptionBackend:
         from megapairs_dagster.synthesis.generation.template import TemplateDescriber
 
         return TemplateDescriber()
+    version = settings.prompt_version
+    model = _model(settings, "description_model")
+
+    def render(request):
+        return render_description_prompt(request.word_budget, version)
+
+    if settings.backend == "openai":
+        from megapairs_dagster.synthesis.generation.openai_backend import OpenAIDescriber
+
+        return OpenAIDescriber(model, render_prompt=render, **_openai_kwargs(settings))
     from megapairs_dagster.synthesis.generation.hf import TransformersDescriber
 
-    version = settings.prompt_version
     return TransformersDescriber(
-        _model(settings, "description_model"),
-        render_prompt=lambda request: render_description_prompt(request.word_budget, version),
-        expected_files=settings.description_files,
+        model, render_prompt=render, expected_files=settings.description_files,
         **_generation_kwargs(settings),
     )
 
@@ -66,15 +83,20 @@ def make_instructor(settings: BackendSettings) -> InstructionBackend:
         from megapairs_dagster.synthesis.generation.template import TemplateInstructor
 
         return TemplateInstructor()
+    version = settings.prompt_version
+    model = _model(settings, "instruction_model")
+
+    def render(request):
+        return render_instruction_prompt(request.description, request.demonstrations, version)
+
+    if settings.backend == "openai":
+        from megapairs_dagster.synthesis.generation.openai_backend import OpenAIInstructor
+
+        return OpenAIInstructor(model, render_prompt=render, **_openai_kwargs(settings))
     from megapairs_dagster.synthesis.generation.hf import TransformersInstructor
 
-    version = settings.prompt_version
     return TransformersInstructor(
-        _model(settings, "instruction_model"),
-        render_prompt=lambda request: render_instruction_prompt(
-            request.description, request.demonstrations, version
-        ),
-        expected_files=settings.instruction_files,
+        model, render_prompt=render, expected_files=settings.instruction_files,
         **_generation_kwargs(settings),
     )
 
@@ -96,4 +118,22 @@ def _generation_kwargs(settings: BackendSettings) -> dict:
         "device": settings.device,
         "dtype": settings.dtype,
         "trust_remote_code": settings.trust_remote_code,
+    }
+
+
+def _openai_kwargs(settings: BackendSettings) -> dict:
+    if not settings.endpoint_url:
+        raise ValueError(
+            "the openai backend needs an endpoint: set generation_server.description_url / "
+            "instruction_url, or let the generation_server resource start vllm serve"
+        )
+    return {
+        "endpoint_url": settings.endpoint_url,
+        "max_new_tokens": settings.max_new_tokens,
+        "temperature": settings.temperature,
+        "max_concurrency": settings.max_concurrency,
+        "request_timeout_s": settings.request_timeout_s,
+        "max_retries": settings.max_retries,
+        "retry_backoff_s": settings.retry_backoff_s,
+        "api_key_env": settings.api_key_env,
     }

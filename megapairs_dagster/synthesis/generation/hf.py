@@ -15,6 +15,7 @@ not on the batch it shares or its position in it, so retries and re-batching rep
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ from transformers import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
 
 from megapairs_dagster.synthesis.encoders import (
@@ -89,10 +94,49 @@ class SeededSampler(LogitsProcessor):
         return scores - torch.log(-torch.log(uniform))
 
 
+def check_loadable(
+    directory: Path, model: str, auto_class: type, supported: dict[str, str], trust_remote_code: bool
+) -> None:
+    """Refuse, before anything loads, a model that ``auto_class`` cannot load: one whose
+    checkpoint needs remote code (``auto_map`` in its config.json) without an explicit
+    ``trust_remote_code: true``, or one of a kind ``auto_class`` does not cover (InternVL2's
+    checkpoints register ``AutoModel``, not ``AutoModelForImageTextToText``)."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return  # hf_model_dir found the directory; from_pretrained will say what is missing
+    config = json.loads(config_file.read_text())
+    auto_map = config.get("auto_map") or {}
+    model_type = config.get("model_type")
+    name = auto_class.__name__
+    classes = ", ".join(sorted(set(supported.values())))
+    if model_type in supported:
+        return
+    if not auto_map:
+        raise ValueError(
+            f"generation model {model!r} (model_type {model_type!r}) is not a model {name} "
+            f"loads; the transformers backend supports: {classes}. Serve it with the openai "
+            "backend (vLLM) instead."
+        )
+    if not trust_remote_code:
+        raise ValueError(
+            f"generation model {model!r} needs remote code (its config.json maps "
+            f"{sorted(auto_map)} to code in the checkpoint); set generation.trust_remote_code: "
+            f"true to run that code, or use a model {name} loads without it: {classes}"
+        )
+    if name not in auto_map:
+        raise ValueError(
+            f"generation model {model!r}'s remote code registers {sorted(auto_map)}, not {name}, "
+            f"so the transformers backend cannot load it (it supports: {classes}). Serve it "
+            "with the openai backend (vLLM) instead."
+        )
+
+
 class _TransformersBackend:
     """Shared loading, batching and seeded generation of both backends."""
 
     backend_name = "transformers"
+    auto_class: type = AutoModelForCausalLM
+    supported: dict[str, str] = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     def __init__(
         self,
@@ -118,6 +162,7 @@ class _TransformersBackend:
             )
         self.device = resolve_device(device, setting="generation.device")
         directory, _ = hf_model_dir(model_path, what="model", allow_patterns=["config.json"])
+        check_loadable(directory, model_path, self.auto_class, self.supported, trust_remote_code)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -227,6 +272,8 @@ class TransformersDescriber(_TransformersBackend):
     """
 
     processor: Any = None
+    auto_class = AutoModelForImageTextToText
+    supported = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     def _load(self, model_path: str) -> torch.nn.Module:
         trust = self.load_kwargs["trust_remote_code"]

@@ -16,7 +16,12 @@ import numpy as np
 from .base import Demonstration
 
 PROMPT_VERSION = "v1"
+# The paper profile's prompts: the paper's rules ("under WORD_NUM words", the differences
+# present in the target) without the demo's "mention at most two changes".
+PAPER_PROMPT_VERSION = "paper-v1"
 DEMONSTRATIONS_PER_PROMPT = 5
+# Prompt versions that share another version's pool of demonstrations.
+_DEMONSTRATION_POOL = {PAPER_PROMPT_VERSION: "v1"}
 
 
 def _prompt_file(filename: str) -> str:
@@ -30,7 +35,8 @@ def load_prompt(name: str, version: str = PROMPT_VERSION) -> str:
 
 def load_demonstrations(version: str = PROMPT_VERSION) -> tuple[Demonstration, ...]:
     """The pool of worked examples (description → instructions) for the LLM step."""
-    entries = json.loads(_prompt_file(f"demonstrations_{version}.json"))
+    pool = _DEMONSTRATION_POOL.get(version, version)
+    entries = json.loads(_prompt_file(f"demonstrations_{pool}.json"))
     return tuple(Demonstration(e["description"], tuple(e["instructions"])) for e in entries)
 
 

@@ -22,6 +22,7 @@ from .base import (
     PairInput,
 )
 from .caption_diff import caption_changes
+from .errors import BackendUnavailable
 from .parsing import BACKEND_ERROR, TOO_DIFFERENT, parse_instructions, validate_description
 from .prompts import sample_demonstrations
 
@@ -86,6 +87,8 @@ def _run_stage(
                 raws = call([build(item, attempt) for _, item in batch])
                 if len(raws) != len(batch):
                     raise RuntimeError(f"backend gave {len(raws)} outputs for {len(batch)}")
+            except BackendUnavailable:
+                raise  # the generator is gone: fail the step, keep the chunks saved so far
             except Exception as error:  # noqa: BLE001 - one bad batch must not end the run
                 for pair_id, _ in batch:
                     message = f"{type(error).__name__}: {error}"
