@@ -580,14 +580,19 @@ def _volumes(node):
 
 
 def test_no_pod_shares_a_writable_volume():
-    """Steps share nothing but the store: volumes are a ConfigMap or a read-only claim."""
+    """Steps share nothing but the store: volumes are a ConfigMap, a read-only claim, or a
+    pod's own scratch (an emptyDir, e.g. a vLLM server's /dev/shm), which no other pod sees."""
     for name in _deploy_files():
         data = _yaml(name)
         text = yaml.safe_dump(data)
         for gone in ("triplet_db", "megapairs-shared", "ReadWriteMany", "duckdb", "cache_dir"):
             assert gone not in text, (name, gone)
+        pod_local = {entry["name"] for key, entries in _volumes(data) if key == "volumes"
+                     for entry in entries if "emptyDir" in entry or "empty_dir" in entry}
         for key, entries in _volumes(data):
             for entry in entries:
+                if entry.get("name") in pod_local:
+                    continue
                 if key == "volumes":
                     claim = entry.get("persistentVolumeClaim") or entry.get("persistent_volume_claim")
                     assert entry.get("configMap") or entry.get("config_map") or (
