@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,11 @@ from pathlib import Path
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from megapairs_dagster.demo import write_demo_shard
+from megapairs_dagster.resources.generation_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = Path(sys.executable).with_name("dagster")
 IMAGES_PER_SHARD = 40
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class DagsterDev:

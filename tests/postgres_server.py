@@ -13,7 +13,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from megapairs_dagster.resources.generation_server import free_port
 
 # Set in .ci/run: there a missing server is a failure, not a skip.
 REQUIRE_ENV = "MEGAPAIRS_REQUIRE_POSTGRES"
@@ -66,12 +67,6 @@ def require_postgres_bin_dir() -> Path:
     return bin_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_as(user: str | None) -> list[str]:
     return ["runuser", "-u", user, "--"] if user else []
 
@@ -89,7 +84,7 @@ def postgres_server(db_name: str = "dagster", username: str = "dagster") -> Iter
         entry = pwd.getpwnam(user)
         os.chown(root, entry.pw_uid, entry.pw_gid)
     as_user = _run_as(user)
-    port = _free_port()
+    port = free_port()
     started = False
     try:
         try:

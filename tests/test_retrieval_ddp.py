@@ -7,7 +7,6 @@ rank 0 writes the loss curve to the path given as argument.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from test_retrieval_model import tiny_model
 from test_retrieval_train import shape_images, shapes_dataset
 
+from megapairs_dagster.resources.generation_server import free_port
 from megapairs_dagster.retrieval import TrainConfig, train_mmret
 
 pytestmark = pytest.mark.slow
@@ -34,12 +34,6 @@ def config(world_size: int) -> TrainConfig:
 def dataset(model):
     captions = {image_id: f"image {image_id}" for image_id in shape_images()}
     return shapes_dataset(model, captions=captions)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
