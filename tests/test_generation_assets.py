@@ -115,3 +115,44 @@ def test_four_shards_write_triplets_at_once_without_lock_errors(mined):
     database = TripletStore(resources["store"].client())
     assert database.counts()["triplets"] == expected
     assert database.counts()["shards"] == 4 and database.duplicate_pairs() == 0
+
+
+def test_a_vllm_engine_serves_every_shard_of_a_run_and_is_shut_down_after_it(mined, monkeypatch):
+    """One engine for a two-shard backfill run, each chunk handed to it in one call, shut down
+    when the step ends (the engine is tests/stand_in_vllm.py's: no CPU vLLM runs an MLLM)."""
+    from dagster import materialize
+    from stand_in_vllm import StandInVLLM
+
+    _, resources = mined
+    vllm = StandInVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    shards = SHARDS[2:]
+    generation = Generation(backend="vllm", description_model="/models/tiny-mllm",
+                            chunk_size=16, batch_size=16, max_attempts=1)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", SHARDS)
+    result = materialize(
+        list(defs.assets), selection=["pair_descriptions", "description_rejects"],
+        tags={"dagster/asset_partition_range_start": shards[0],
+              "dagster/asset_partition_range_end": shards[-1]},
+        resources={**resources, "generation": generation}, instance=instance,
+    )
+    assert result.success
+    (engine,) = vllm.engines
+    assert engine.shutdowns == 1
+    store = resources["store"].client()
+    described = {
+        shard: load_artifact(store, artifact_relpath(["pair_descriptions"], shard))
+        for shard in shards
+    }
+    pairs = {
+        shard: load_artifact(store, artifact_relpath(["image_pairs"], shard)) for shard in shards
+    }
+    # Every pair of both shards went through the one engine, a chunk per call.
+    sent = [len(conversations) for conversations, _ in engine.calls]
+    assert sum(sent) == sum(len(frame) for frame in pairs.values())
+    assert max(sent) == 16
+    for shard in shards:
+        assert len(described[shard]) == len(pairs[shard])
+        assert set(described[shard]["backend"]) == {"vllm"}
+        assert set(described[shard]["model"]) == {"/models/tiny-mllm"}

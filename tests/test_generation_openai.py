@@ -43,6 +43,7 @@ class ScriptedServer:
         self.delay_s = delay_s
         self.failures: list[int] = []  # status codes to answer, one per request, before success
         self.always: int | None = None  # a status code to answer forever
+        self.refused: str | None = None  # answer 400 to every request whose body contains this
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
         self.in_flight = 0
@@ -78,6 +79,8 @@ class ScriptedServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     status = server.always or (server.failures.pop(0) if server.failures else 200)
+                    if server.refused and server.refused in json.dumps(body):
+                        status = 400
                 try:
                     time.sleep(server.delay_s)
                     if status != 200:
@@ -216,13 +219,16 @@ def test_an_endpoint_that_is_gone_raises_naming_it():
 def test_the_driver_fails_the_step_when_the_endpoint_is_gone_but_rejects_a_bad_request(server):
     instructor = make_instructor(settings(server.url, max_retries=1))
     described = [(pair(i), f"description {i}") for i in range(4)]
-    server.failures = [400]  # one request the server refuses: that batch is rejected
-    _, rejects = generate_instructions(
+    server.refused = "description 0"  # one request the server refuses: only its pair is rejected
+    rows, rejects = generate_instructions(
         described, instructor, demonstrations=(), seed=0, max_attempts=1, batch_size=2
     )
     backend_errors = rejects[rejects["reason"] == BACKEND_ERROR]
-    assert list(backend_errors["pair_id"]) == ["0-100", "1-101"]  # the first batch only
+    assert list(backend_errors["pair_id"]) == ["0-100"]
     assert "HTTP 400" in backend_errors["detail"].iloc[0]
+    # Its batch-mate was sent again on its own and answered.
+    assert {"1-101", "2-102", "3-103"} <= set(rows["pair_id"]) | set(rejects["pair_id"])
+    assert "1-101" not in set(backend_errors["pair_id"])
     server.always = 502
     with pytest.raises(BackendUnavailable):
         generate_instructions(described, instructor, demonstrations=(), seed=0, batch_size=2)

@@ -19,11 +19,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from conftest import small_demo_resources
 from dagster import DagsterInstance, materialize
-from tiny_hf_models import build_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from vllm_models import (
+    MAX_MODEL_LEN,
+    NEW_TOKENS,
+    instruction_requests,
+    save_served_llm,
+    vllm_python,
+    without_dangling_bytes,
+)
 
 import megapairs_dagster.assets.instructions as instruction_assets
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact
@@ -37,45 +42,16 @@ from megapairs_dagster.jobs.pipeline import (
 from megapairs_dagster.resources.generation_server import GenerationServer, serve_model
 from megapairs_dagster.resources.settings import Generation
 from megapairs_dagster.synthesis.generation.backends import BackendSettings, make_instructor
-from megapairs_dagster.synthesis.generation.base import InstructionRequest, PairInput
-from megapairs_dagster.synthesis.generation.prompts import (
-    load_demonstrations,
-    sample_demonstrations,
-)
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_VENV = Path(os.environ.get("MEGAPAIRS_VLLM_VENV", ROOT / ".venv-vllm"))
-VLLM_PYTHON = VLLM_VENV / "bin" / "python"
-if not VLLM_PYTHON.exists():
-    if os.environ.get("CI"):  # make test builds it: CI must run these tests, not skip them
-        raise RuntimeError(f"no vLLM environment at {VLLM_VENV}: `make vllm-env` makes it")
-    pytest.skip(f"no vLLM environment at {VLLM_VENV}: run `make vllm-env`", allow_module_level=True)
+VLLM_PYTHON = vllm_python()
 
 SHARDS = ["00000", "00001"]
-NEW_TOKENS = 24
 CHUNK = 8
-MAX_MODEL_LEN = 4096  # the v1 instruction prompt with five demonstrations, in bytes-level tokens
 INSTRUCTION_STEP = ["instructions", "instruction_rejects"]
 BOTH_SHARDS = {"dagster/asset_partition_range_start": SHARDS[0],
                "dagster/asset_partition_range_end": SHARDS[-1]}
-
-
-def save_served_llm(directory: Path) -> Path:
-    """A random 2-layer Llama with head size 32: vLLM's CPU attention has no kernel for the
-    head size 16 of tiny_hf_models' Llama (supported: 32, 64, 80, ...)."""
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=MAX_MODEL_LEN,
-        initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def server_resource(tmp: Path, **settings) -> GenerationServer:
@@ -129,19 +105,6 @@ def described(tmp_path_factory):
     return home, resources, instance
 
 
-def instruction_requests(count: int) -> list[InstructionRequest]:
-    pool = load_demonstrations()
-    return [
-        InstructionRequest(
-            PairInput(f"{i}-{i + 50}", b"", b"", "a red bicycle", "a blue bicycle"),
-            f"Both images show a bicycle by a wall. However, the source image shows it red, "
-            f"whereas the target image shows it blue {'and parked near a river ' * (i % 3)}.",
-            sample_demonstrations(pool, seed=i), seed=i,
-        )
-        for i in range(count)
-    ]
-
-
 def test_greedy_outputs_through_vllm_serve_equal_the_transformers_backends(llm, served):
     settings = BackendSettings(instruction_model=str(llm), temperature=0.0,
                                max_new_tokens=NEW_TOKENS, dtype="float32")
@@ -152,12 +115,7 @@ def test_greedy_outputs_through_vllm_serve_equal_the_transformers_backends(llm, 
     local = make_instructor(
         BackendSettings(**{**settings.__dict__, "backend": "transformers"})
     ).instruct(requests)
-    # A random byte-level model can stop (at max_new_tokens) inside a multi-byte character:
-    # transformers decodes the dangling bytes as U+FFFD, vLLM's incremental detokenizer holds
-    # them back. Everything before them is equal.
-    assert [text.rstrip("\ufffd") for text in served_outputs] == [
-        text.rstrip("\ufffd") for text in local
-    ]
+    assert without_dangling_bytes(served_outputs) == without_dangling_bytes(local)
     assert len(set(local)) > 1 and sum(map(bool, local)) > 1  # the prompts make a difference
 
 

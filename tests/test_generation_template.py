@@ -257,12 +257,13 @@ class _CrashingDescriber:
         ]
 
 
-def test_a_backend_error_rejects_only_its_batch():
+def test_a_backend_error_rejects_only_the_request_that_raises():
     pairs = [pair for pair, _ in _pairs(6)]
     pairs[4] = PairInput("poison", b"", b"", NIGHT_QUERY, NIGHT_TARGET)
     rows, rejects = generate_descriptions(pairs, _CrashingDescriber(), seed=0, batch_size=2)
-    assert list(rows.pair_id) == ["0-1", "1-2", "2-3", "3-4"]
-    assert list(rejects.pair_id) == ["poison", "5-6"]
+    # The batch (poison, 5-6) failed; sent again one by one, only poison fails.
+    assert list(rows.pair_id) == ["0-1", "1-2", "2-3", "3-4", "5-6"]
+    assert list(rejects.pair_id) == ["poison"]
     assert set(rejects.reason) == {BACKEND_ERROR}
     assert rejects.detail[0] == "RuntimeError: CUDA out of memory"
 

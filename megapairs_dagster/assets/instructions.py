@@ -53,6 +53,7 @@ _SHARED = ("backend", "prompt_version", "max_attempts", "max_new_tokens", "tempe
 DESCRIBE = tuple(
     f"generation.{name}" for name in (
         *_SHARED, "description_model", "word_budget_min", "word_budget_max", "max_caption_changes",
+        "image_max_side",
     )
 )
 INSTRUCT = tuple(
@@ -75,20 +76,25 @@ def _step_outs(settings: tuple[str, ...], **descriptions: str) -> dict[str, Asse
 
 
 @contextlib.contextmanager
-def _backend_settings(
-    generation: Generation, server: GenerationServer, step: str
-) -> Iterator[BackendSettings]:
-    """The step's backend settings; for the openai backend, with the address of an endpoint
-    serving the step's model for the whole run (a server started here stops on exit)."""
-    if generation.backend != "openai":
-        yield domain_config(BackendSettings, generation)
-        return
-    model = getattr(generation, f"{step}_model")
-    if not model:
-        raise ValueError(f"the openai backend needs generation.{step}_model")
-    with server.endpoint(model, step, dtype=generation.dtype,
-                         trust_remote_code=generation.trust_remote_code) as url:
-        yield domain_config(BackendSettings, generation, endpoint_url=url)
+def _backend(generation: Generation, server: GenerationServer, step: str) -> Iterator:
+    """The step's backend, built once for the whole run (every shard of a batched backfill
+    goes through it) and closed when the step ends, failed or not: a vllm engine gives its GPU
+    memory back, a ``vllm serve`` started here for the openai backend stops."""
+    make = make_describer if step == "description" else make_instructor
+    with contextlib.ExitStack() as stack:
+        overrides = {}
+        if generation.backend == "openai":
+            model = getattr(generation, f"{step}_model")
+            if not model:
+                raise ValueError(f"the openai backend needs generation.{step}_model")
+            overrides["endpoint_url"] = stack.enter_context(server.endpoint(
+                model, step, dtype=generation.dtype,
+                trust_remote_code=generation.trust_remote_code,
+            ))
+        backend = make(domain_config(BackendSettings, generation, **overrides))
+        if hasattr(backend, "close"):  # the vllm backend: its engine
+            stack.callback(backend.close)
+        yield backend
 
 
 def _pair_inputs(
@@ -203,8 +209,7 @@ def pair_descriptions(
     generation_server: GenerationServer,
     store: ArtifactStore,
 ):
-    with _backend_settings(generation, generation_server, "description") as settings:
-        describer = make_describer(settings)
+    with _backend(generation, generation_server, "description") as describer:
         config = {
             "step": "describe",
             "backend": describer.identity,
@@ -269,8 +274,7 @@ def instructions(
     generation_server: GenerationServer,
     store: ArtifactStore,
 ):
-    with _backend_settings(generation, generation_server, "instruction") as settings:
-        instructor = make_instructor(settings)
+    with _backend(generation, generation_server, "instruction") as instructor:
         demonstrations = load_demonstrations(generation.prompt_version)
         config = {
             "step": "instruct",

@@ -136,10 +136,11 @@ class Indexes(ConfigurableResource):
 class Generation(ConfigurableResource):
     """The two-step instruction generator: backend, models, prompts, retries and chunking."""
 
-    backend: Literal["template", "transformers", "openai"] = Field(
+    backend: Literal["template", "transformers", "vllm", "openai"] = Field(
         default="template",
-        description="template (offline, no model), transformers (local Hugging Face models) "
-        "or openai (an OpenAI-compatible endpoint: vllm serve, see generation_server).",
+        description="template (offline, no model), transformers (local Hugging Face models), "
+        "vllm (vLLM's offline engine in the step's process) or openai (an OpenAI-compatible "
+        "endpoint: vllm serve, see generation_server).",
     )
     description_model: str | None = Field(
         default=None, description="Vision-language model for descriptions (dir or hub id)."
@@ -181,6 +182,19 @@ class Generation(ConfigurableResource):
         None, description="openai: the environment variable holding the endpoint's API key "
         "(the key itself never goes in config).",
     )
+    # The vllm backend: where and how the engine runs, and the images it is given.
+    description_engine_args: dict[str, Any] = unversioned(
+        {}, description="vllm: arguments of the description step's vllm.LLM, e.g. "
+        "{tensor_parallel_size: 2, max_model_len: 8192, gpu_memory_utilization: 0.9}.",
+    )
+    instruction_engine_args: dict[str, Any] = unversioned(
+        {}, description="vllm: arguments of the instruction step's vllm.LLM."
+    )
+    image_max_side: int | None = Field(
+        default=None, description="vllm: query and target images are scaled down on CPU "
+        "threads so that their longer side is at most this (None: as stored).",
+    )
+    image_workers: int = unversioned(8, description="vllm: CPU threads decoding images.")
 
 
 class BenchmarkData(ConfigurableResource):

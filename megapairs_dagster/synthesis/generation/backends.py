@@ -1,9 +1,10 @@
 """Instruction-generation backends by name: one place that maps configuration to objects.
 
 ``template`` needs no model (the offline default); ``transformers`` runs local Hugging Face
-models; ``openai`` sends each request to an OpenAI-compatible endpoint (``vllm serve`` or
-another server; ``resources/generation_server.py`` gives the step its address). A further
-backend is one more name here and in the ``generation.backend`` setting.
+models; ``vllm`` runs vLLM's offline engine in the step's process; ``openai`` sends each
+request to an OpenAI-compatible endpoint (``vllm serve`` or another server;
+``resources/generation_server.py`` gives the step its address). A further backend is one more
+name here and in the ``generation.backend`` setting.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from megapairs_dagster.synthesis.generation.prompts import (
 if TYPE_CHECKING:  # the encoders module imports open_clip; the template backend needs none
     from megapairs_dagster.synthesis.encoders import RecordedFiles
 
-BACKENDS = ("template", "transformers", "openai")
+BACKENDS = ("template", "transformers", "vllm", "openai")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class BackendSettings:
     max_retries: int = 5
     retry_backoff_s: float = 1.0
     api_key_env: str | None = None
+    # The vllm backend: arguments of each step's engine, and the images' CPU preprocessing.
+    description_engine_args: dict | None = None
+    instruction_engine_args: dict | None = None
+    image_max_side: int | None = None
+    image_workers: int = 8
 
 
 def make_describer(settings: BackendSettings) -> DescriptionBackend:
@@ -69,6 +75,14 @@ def make_describer(settings: BackendSettings) -> DescriptionBackend:
         from megapairs_dagster.synthesis.generation.openai_backend import OpenAIDescriber
 
         return OpenAIDescriber(model, render_prompt=render, **_openai_kwargs(settings))
+    if settings.backend == "vllm":
+        from megapairs_dagster.synthesis.generation.vllm_backend import VLLMDescriber
+
+        return VLLMDescriber(
+            model, render_prompt=render, engine_args=settings.description_engine_args,
+            image_max_side=settings.image_max_side, image_workers=settings.image_workers,
+            **_vllm_kwargs(settings),
+        )
     from megapairs_dagster.synthesis.generation.hf import TransformersDescriber
 
     return TransformersDescriber(
@@ -93,6 +107,13 @@ def make_instructor(settings: BackendSettings) -> InstructionBackend:
         from megapairs_dagster.synthesis.generation.openai_backend import OpenAIInstructor
 
         return OpenAIInstructor(model, render_prompt=render, **_openai_kwargs(settings))
+    if settings.backend == "vllm":
+        from megapairs_dagster.synthesis.generation.vllm_backend import VLLMInstructor
+
+        return VLLMInstructor(
+            model, render_prompt=render, engine_args=settings.instruction_engine_args,
+            **_vllm_kwargs(settings),
+        )
     from megapairs_dagster.synthesis.generation.hf import TransformersInstructor
 
     return TransformersInstructor(
@@ -116,6 +137,15 @@ def _generation_kwargs(settings: BackendSettings) -> dict:
         "temperature": settings.temperature,
         "batch_size": settings.batch_size,
         "device": settings.device,
+        "dtype": settings.dtype,
+        "trust_remote_code": settings.trust_remote_code,
+    }
+
+
+def _vllm_kwargs(settings: BackendSettings) -> dict:
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "temperature": settings.temperature,
         "dtype": settings.dtype,
         "trust_remote_code": settings.trust_remote_code,
     }

@@ -14,7 +14,6 @@ not on the batch it shares or its position in it, so retries and re-batching rep
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from megapairs_dagster.synthesis.encoders import (
     resolve_device,
 )
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
+from megapairs_dagster.synthesis.generation.images import open_image
 
 # Files that decide a model's output: weights, configs, tokenizer and chat templates.
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".tiktoken", ".txt", ".py")
@@ -57,15 +57,6 @@ def model_file_hashes(
     with ``expected`` (hashes recorded earlier) a difference raises ModelMismatchError."""
     files = [p for p in directory.iterdir() if p.is_file() and p.name.endswith(_HASHED_SUFFIXES)]
     return file_hashes(files, model=model, expected=expected)
-
-
-def decode_image(data: bytes, pair_id: str, role: str) -> Image.Image:
-    """An RGB image, or a ValueError naming the pair so the driver can reject just that pair."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"pair {pair_id}: cannot decode the {role} image: {error}") from error
 
 
 class SeededSampler(LogitsProcessor):
@@ -314,6 +305,6 @@ def _pair_images(request: DescriptionRequest) -> list[Image.Image]:
     """The query image, then the target image, as the prompt's placeholders expect them."""
     pair = request.pair
     return [
-        decode_image(pair.query_jpeg, pair.pair_id, "query"),
-        decode_image(pair.target_jpeg, pair.pair_id, "target"),
+        open_image(pair.query_jpeg, pair.pair_id, "query").convert("RGB"),
+        open_image(pair.target_jpeg, pair.pair_id, "target").convert("RGB"),
     ]

@@ -23,7 +23,6 @@ and never appears in an identity, a log line or an error.
 from __future__ import annotations
 
 import base64
-import io
 import os
 import threading
 import time
@@ -32,10 +31,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import requests
-from PIL import Image
 
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
 from megapairs_dagster.synthesis.generation.errors import BackendUnavailable
+from megapairs_dagster.synthesis.generation.images import open_image
 
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 60.0
@@ -122,14 +121,8 @@ class EndpointClient:
 
 
 def image_data_url(data: bytes, pair_id: str, role: str) -> str:
-    """A ``data:`` URL of the image as stored, or a ValueError naming the pair (the driver
-    then rejects just that batch, as the transformers backend does for a bad image)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel: verify() misses a truncated file
-            kind = (image.format or "jpeg").lower()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"pair {pair_id}: cannot decode the {role} image: {error}") from error
+    """A ``data:`` URL of the image as stored, once it decodes (``images.open_image``)."""
+    kind = (open_image(data, pair_id, role).format or "jpeg").lower()
     return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 

@@ -70,31 +70,38 @@ def _run_stage(
 ) -> tuple[dict[str, tuple[object, int]], dict[str, dict]]:
     """Accepted values by pair id (with the attempt that produced them) and rejects.
 
-    Output that fails validation is asked for again with the next attempt's seed; a batch
-    whose backend call raises is rejected as a whole and not retried, since a crash of the
-    same batch would most likely repeat.
+    Output that fails validation is asked for again with the next attempt's seed. A batch
+    whose backend call raises is sent again one request at a time, so a bad image or an
+    over-long prompt rejects only its own pair; a request that raises alone is rejected and
+    not retried, since it would most likely raise again.
     """
     if len({pair_id for pair_id, _ in items}) != len(items):
         raise ValueError("pair ids must be unique")
     accepted: dict[str, tuple[object, int]] = {}
     rejects: dict[str, dict] = {}
+
+    def outputs(batch: list[tuple[str, Item]], attempt: int) -> list[tuple[str, Item, str]]:
+        """(pair id, item, raw output) of each request of ``batch`` the backend answered."""
+        try:
+            raws = call([build(item, attempt) for _, item in batch])
+            if len(raws) != len(batch):
+                raise RuntimeError(f"backend gave {len(raws)} outputs for {len(batch)}")
+            return [(pair_id, item, raw) for (pair_id, item), raw in zip(batch, raws)]
+        except BackendUnavailable:
+            raise  # the generator is gone: fail the step, keep the chunks saved so far
+        except Exception as error:  # noqa: BLE001 - one bad request must not end the run
+            if len(batch) > 1:
+                return [answer for one in batch for answer in outputs([one], attempt)]
+            pair_id = batch[0][0]
+            message = f"{type(error).__name__}: {error}"
+            rejects[pair_id] = _reject(pair_id, stage, BACKEND_ERROR, message, "")
+            return []
+
     pending = list(items)
     for attempt in range(max_attempts):
         retry: list[tuple[str, Item]] = []
         for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            try:
-                raws = call([build(item, attempt) for _, item in batch])
-                if len(raws) != len(batch):
-                    raise RuntimeError(f"backend gave {len(raws)} outputs for {len(batch)}")
-            except BackendUnavailable:
-                raise  # the generator is gone: fail the step, keep the chunks saved so far
-            except Exception as error:  # noqa: BLE001 - one bad batch must not end the run
-                for pair_id, _ in batch:
-                    message = f"{type(error).__name__}: {error}"
-                    rejects[pair_id] = _reject(pair_id, stage, BACKEND_ERROR, message, "")
-                continue
-            for (pair_id, item), raw in zip(batch, raws):
+            for pair_id, item, raw in outputs(pending[start : start + batch_size], attempt):
                 value, reason, detail = check(item, raw)
                 if reason is None:
                     accepted[pair_id] = (value, attempt + 1)

@@ -1,0 +1,62 @@
+"""A stand-in for the ``vllm`` module where no vLLM build can run the model: the description
+step's MLLM (vLLM's CPU build needs a CPU torchvision that does not exist for its torch) and
+the project's own environment, which has no vLLM at all. It records what the backend hands
+the engine and answers each prompt with a 20-word text naming the request's seed; the real
+engine is tested in test_generation_vllm_engine.py.
+
+Install it with ``monkeypatch.setitem(sys.modules, "vllm", StandInVLLM())``.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+
+
+class StandInVLLM(types.ModuleType):
+    def __init__(self):
+        super().__init__("vllm")
+        self.engines: list[StandInLLM] = []
+        self.SamplingParams = SamplingParams
+        module = self
+
+        class LLM(StandInLLM):
+            def __init__(self, model: str, **engine_args):
+                super().__init__(model, engine_args)
+                module.engines.append(self)
+
+        self.LLM = LLM
+
+
+class StandInLLM:
+    def __init__(self, model: str, engine_args: dict):
+        self.model = model
+        self.engine_args = engine_args
+        self.calls: list[tuple[list, list]] = []  # (conversations, sampling params) per chat
+        self.shutdowns = 0
+        self.llm_engine = types.SimpleNamespace(
+            engine_core=types.SimpleNamespace(shutdown=self._shutdown)
+        )
+
+    def _shutdown(self):
+        self.shutdowns += 1
+
+    def chat(self, conversations, sampling_params, use_tqdm=True):
+        assert self.shutdowns == 0, "chat after shutdown"
+        self.calls.append((conversations, sampling_params))
+        return [
+            types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                text=f"Both images share one scene, drawn for seed {params.seed}; the second "
+                     "one changes its colour and its size a little."
+            )])
+            for params in sampling_params
+        ]
