@@ -5,6 +5,7 @@
     megapairs demo                                    materialise the graph on the demo profile
     megapairs score circo --annotations F --predictions P   score a submission-format file
     megapairs shards register                         add the source's shards as partitions
+    megapairs vllm-servers --image vllm/vllm-openai:T  Kubernetes manifests of the generators
 """
 
 from __future__ import annotations
@@ -111,6 +112,23 @@ def _shards(args: argparse.Namespace) -> None:
           + (f": {', '.join(new)}" if new else ""))
 
 
+def _vllm_servers(args: argparse.Namespace) -> None:
+    import yaml
+
+    from megapairs_dagster.resources.profiles import load_deployment
+    from megapairs_dagster.resources.vllm_servers import STEPS, server_manifests, service_url
+
+    resources = load_deployment().resources
+    manifests = server_manifests(
+        resources["generation"].process_config_and_initialize(),
+        resources["generation_server"].process_config_and_initialize(),
+        image=args.image, models_claim=args.models_claim,
+    )
+    print(yaml.safe_dump(manifests, sort_keys=False), end="")
+    urls = ", ".join(f"{step}_url: {service_url(step)}" for step in STEPS)
+    print(f"# then set generation_server: {{config: {{{urls}}}}}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="megapairs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +161,15 @@ def main(argv: list[str] | None = None) -> None:
         "shards", help="list or register the corpus source's shards as partitions")
     shard_commands.add_argument("command_action", choices=["list", "register"])
     shard_commands.set_defaults(run=_shards)
+
+    servers = commands.add_parser(
+        "vllm-servers", help="print Kubernetes manifests (Deployment + Service per generation "
+        "step) that serve the deployment's generation models with vLLM")
+    servers.add_argument("--image", required=True,
+                         help="the vLLM OpenAI-server image, pinned, e.g. vllm/vllm-openai:<tag>")
+    servers.add_argument("--models-claim", default="megapairs-models",
+                         help="PersistentVolumeClaim holding the models, mounted at /models")
+    servers.set_defaults(run=_vllm_servers)
 
     add_score_command(commands)
 

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 from tiny_hf_models import save_tiny_llm
 
+from megapairs_dagster import cli
 from megapairs_dagster.resources.generation_server import GenerationServer
 from megapairs_dagster.resources.profiles import resources_for
+from megapairs_dagster.resources.settings import Generation
+from megapairs_dagster.resources.vllm_servers import gpus_for, server_manifests
 from megapairs_dagster.synthesis.generation.backends import BackendSettings, make_instructor
 from megapairs_dagster.synthesis.generation.prompts import (
     PAPER_PROMPT_VERSION,
@@ -19,6 +22,8 @@ from megapairs_dagster.synthesis.generation.prompts import (
     render_description_prompt,
     render_instruction_prompt,
 )
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 # InternVL2-26B's config.json, as far as loading goes: its own model type and code.
 INTERNVL2_CONFIG = {
@@ -97,32 +102,75 @@ def test_remote_code_needs_an_explicit_trust_remote_code(tmp_path):
         make_instructor(settings)
 
 
-def test_the_cluster_vllm_servers_serve_the_paper_configs_models():
-    """deploy/helm/vllm-servers.yaml (Deployments + Services) against deploy/config_paper.yaml:
-    each server serves the model its step is configured with, with the GPUs it asks for."""
+def _rendered_servers(monkeypatch, capsys, config: Path) -> tuple[dict, dict, str]:
+    """``megapairs vllm-servers`` on ``config``: Deployments and Services by name, stderr."""
     import yaml
 
-    deploy = Path(__file__).resolve().parents[1] / "deploy"
-    items = yaml.safe_load((deploy / "helm" / "vllm-servers.yaml").read_text())["items"]
-    config = yaml.safe_load((deploy / "config_paper.yaml").read_text())["resources"]
-    generation = config["generation"]["config"]
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "paper")
+    monkeypatch.setenv("MEGAPAIRS_CONFIG", str(config))
+    cli.main(["vllm-servers", "--image", "vllm/vllm-openai:pinned"])
+    out, err = capsys.readouterr()
+    items = yaml.safe_load(out)["items"]
     deployments = {i["metadata"]["name"]: i for i in items if i["kind"] == "Deployment"}
     services = {i["metadata"]["name"]: i for i in items if i["kind"] == "Service"}
-    assert set(deployments) == set(services) == {"vllm-internvl2", "vllm-llama3"}
-    for name, model in (("vllm-internvl2", generation["description_model"]),
-                        ("vllm-llama3", generation["instruction_model"])):
+    return deployments, services, err
+
+
+def test_the_cluster_vllm_servers_run_what_the_managed_server_would_run(monkeypatch, capsys):
+    """The manifests rendered from deploy/config_paper.yaml: each server serves its step's
+    model with exactly the managed server's arguments, and its Service is the URL printed."""
+    deployments, services, err = _rendered_servers(monkeypatch, capsys, DEPLOY / "config_paper.yaml")
+    names = {"description": "megapairs-vllm-description", "instruction": "megapairs-vllm-instruction"}
+    assert set(deployments) == set(services) == set(names.values())
+    resources = resources_for("paper")
+    generation = resources["generation"]
+    server = resources["generation_server"]
+    for step, name in names.items():
         pod = deployments[name]["spec"]["template"]
         (container,) = pod["spec"]["containers"]
-        args = container["args"]
-        assert args[args.index("--model") + 1] == model
-        gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
-        tensor_parallel = int(args[args.index("--tensor-parallel-size") + 1]) if (
-            "--tensor-parallel-size" in args) else 1
-        assert gpus == tensor_parallel
+        managed = server.command(getattr(generation, f"{step}_model"), step,
+                                 dtype=generation.dtype,
+                                 trust_remote_code=generation.trust_remote_code)
+        assert container["args"] == [*managed[len(server.vllm_command):],
+                                     "--host", "0.0.0.0", "--port", "8000"]
+        assert container["image"] == "vllm/vllm-openai:pinned"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
         selector = services[name]["spec"]["selector"]
         assert selector.items() <= pod["metadata"]["labels"].items()
         assert services[name]["spec"]["ports"][0]["port"] == 8000
-    internvl = deployments["vllm-internvl2"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--trust-remote-code" in internvl and '{"image": 2}' in internvl
-    assert generation["backend"] == "openai" and generation["trust_remote_code"] is True
+        assert f"{step}_url: http://{name}:8000/v1" in err
+    description = deployments[names["description"]]["spec"]["template"]["spec"]
+    args = description["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/models/InternVL2-26B"
+    assert "--trust-remote-code" in args and '{"image": 2}' in args
+    assert [volume["name"] for volume in description["volumes"]] == ["models"]  # one GPU
+
+
+def test_tensor_parallel_servers_ask_for_their_gpus_and_shared_memory(monkeypatch, capsys, tmp_path):
+    import yaml
+
+    config = yaml.safe_load((DEPLOY / "config_paper.yaml").read_text())
+    config["resources"]["generation_server"]["config"]["description_args"] = [
+        "--tensor-parallel-size", "2", "--pipeline-parallel-size=2"]
+    config["resources"]["generation"]["config"]["api_key_env"] = "VLLM_KEY"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    deployments, _, _ = _rendered_servers(monkeypatch, capsys, path)
+    spec = deployments["megapairs-vllm-description"]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in spec["volumes"]
+    (key,) = [v for v in container["env"] if v["name"] == "VLLM_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["name"] == "megapairs-vllm-api-key"  # not the key
+    assert gpus_for(["-tp", "8"]) == 8 and gpus_for([]) == 1
+
+
+def test_rendering_servers_needs_a_pinned_image_and_both_models(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["vllm-servers"])
+    assert "--image" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="generation.description_model is not set"):
+        server_manifests(Generation(instruction_model="/models/llm"), GenerationServer(),
+                         image="vllm/vllm-openai:pinned")
