@@ -9,6 +9,7 @@ against a real ``vllm serve`` is in test_generation_openai_vllm.py.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import threading
 import time
@@ -16,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fixtures_images import noise_jpeg, truncated_jpeg
+from PIL import Image
 
 from megapairs_dagster.synthesis.generation.backends import (
     BackendSettings,
@@ -169,6 +171,19 @@ def test_the_description_step_sends_the_query_then_the_target_image_as_data_urls
     assert all(url.startswith(prefix) for url in urls)
     sent = [base64.b64decode(url[len(prefix):]) for url in urls]
     assert sent == [pairs[0].query_jpeg, pairs[0].target_jpeg]
+
+
+def test_images_larger_than_image_max_side_are_sent_scaled_down(server):
+    describer = make_describer(settings(server.url, image_max_side=40))
+    describer.describe([DescriptionRequest(pair(0), 70, seed=0)])  # 40x32 and 32x48 images
+    content = server.bodies[0]["messages"][0]["content"]
+    query, target = (part["image_url"]["url"] for part in content if part["type"] == "image_url")
+    # The query fits (sent as stored); the target is scaled to 27x40, as lossless PNG.
+    assert base64.b64decode(query.split(",", 1)[1]) == pair(0).query_jpeg
+    assert target.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(target.split(",", 1)[1]))) as image:
+        assert image.size == (27, 40)
+    assert describer.identity["settings"]["image_max_side"] == 40
 
 
 def test_a_broken_image_fails_its_batch_before_anything_is_sent(server):

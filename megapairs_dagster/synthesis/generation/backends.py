@@ -52,10 +52,11 @@ class BackendSettings:
     max_retries: int = 5
     retry_backoff_s: float = 1.0
     api_key_env: str | None = None
-    # The vllm backend: arguments of each step's engine, and the images' CPU preprocessing.
+    # Every describer scales the images down to this first (None: as stored).
+    image_max_side: int | None = None
+    # The vllm backend: arguments of each step's engine, and its image-decoding threads.
     description_engine_args: dict | None = None
     instruction_engine_args: dict | None = None
-    image_max_side: int | None = None
     image_workers: int = 8
 
 
@@ -74,7 +75,8 @@ def make_describer(settings: BackendSettings) -> DescriptionBackend:
     if settings.backend == "openai":
         from megapairs_dagster.synthesis.generation.openai_backend import OpenAIDescriber
 
-        return OpenAIDescriber(model, render_prompt=render, **_openai_kwargs(settings))
+        return OpenAIDescriber(model, render_prompt=render, image_max_side=settings.image_max_side,
+                               **_openai_kwargs(settings))
     if settings.backend == "vllm":
         from megapairs_dagster.synthesis.generation.vllm_backend import VLLMDescriber
 
@@ -87,6 +89,7 @@ def make_describer(settings: BackendSettings) -> DescriptionBackend:
 
     return TransformersDescriber(
         model, render_prompt=render, expected_files=settings.description_files,
+        image_max_side=settings.image_max_side,
         **_generation_kwargs(settings),
     )
 

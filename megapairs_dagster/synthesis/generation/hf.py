@@ -43,7 +43,11 @@ from megapairs_dagster.synthesis.encoders import (
     resolve_device,
 )
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
-from megapairs_dagster.synthesis.generation.images import open_image
+from megapairs_dagster.synthesis.generation.images import (
+    check_max_side,
+    fit_within,
+    open_image,
+)
 
 # Files that decide a model's output: weights, configs, tokenizer and chat templates.
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".tiktoken", ".txt", ".py")
@@ -266,6 +270,12 @@ class TransformersDescriber(_TransformersBackend):
     auto_class = AutoModelForImageTextToText
     supported = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+    def __init__(self, model_path: str, *, image_max_side: int | None = None, **options: Any):
+        """``image_max_side``: images are scaled down to it first, as every describer does."""
+        self.image_max_side = check_max_side(image_max_side)
+        super().__init__(model_path, **options)
+        self.identity["settings"]["image_max_side"] = image_max_side
+
     def _load(self, model_path: str) -> torch.nn.Module:
         trust = self.load_kwargs["trust_remote_code"]
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust)
@@ -287,13 +297,13 @@ class TransformersDescriber(_TransformersBackend):
         # Decode everything once up front so a bad image fails before any generation, but
         # keep only one batch of decoded images in memory (a shard can hold many pairs).
         for request in requests:
-            _pair_images(request)
+            self._pair_images(request)
         outputs: list[str] = []
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start:start + self.batch_size]
             texts = [self.format_prompt(request) for request in batch]
             inputs = self.processor(
-                text=texts, images=[_pair_images(request) for request in batch], padding=True,
+                text=texts, images=[self._pair_images(request) for request in batch], padding=True,
                 return_tensors="pt",
                 add_special_tokens=not _starts_with_bos(texts[0], self.tokenizer),
             )
@@ -301,10 +311,10 @@ class TransformersDescriber(_TransformersBackend):
         return outputs
 
 
-def _pair_images(request: DescriptionRequest) -> list[Image.Image]:
-    """The query image, then the target image, as the prompt's placeholders expect them."""
-    pair = request.pair
-    return [
-        open_image(pair.query_jpeg, pair.pair_id, "query").convert("RGB"),
-        open_image(pair.target_jpeg, pair.pair_id, "target").convert("RGB"),
-    ]
+    def _pair_images(self, request: DescriptionRequest) -> list[Image.Image]:
+        """The query image, then the target image, as the prompt's placeholders expect them."""
+        pair = request.pair
+        return [
+            fit_within(open_image(data, pair.pair_id, role).convert("RGB"), self.image_max_side)
+            for data, role in ((pair.query_jpeg, "query"), (pair.target_jpeg, "target"))
+        ]

@@ -1,4 +1,5 @@
-"""Decoding a pair's images for the model backends, with the pair named on failure."""
+"""Decoding a pair's images for the model backends, with the pair named on failure, and the
+``image_max_side`` rule every describer applies the same way (so backends stay comparable)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ def open_image(data: bytes, pair_id: str, role: str) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"pair {pair_id}: cannot decode the {role} image: {error}") from error
     return image
+
+
+def check_max_side(max_side: int | None) -> int | None:
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"generation.image_max_side must be positive, got {max_side}")
+    return max_side
 
 
 def fit_within(image: Image.Image, max_side: int | None) -> Image.Image:

@@ -23,6 +23,7 @@ and never appears in an identity, a log line or an error.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import threading
 import time
@@ -34,7 +35,11 @@ import requests
 
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
 from megapairs_dagster.synthesis.generation.errors import BackendUnavailable
-from megapairs_dagster.synthesis.generation.images import open_image
+from megapairs_dagster.synthesis.generation.images import (
+    check_max_side,
+    fit_within,
+    open_image,
+)
 
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 60.0
@@ -120,9 +125,15 @@ class EndpointClient:
         return [entry["id"] for entry in self.request("GET", "/v1/models").get("data", [])]
 
 
-def image_data_url(data: bytes, pair_id: str, role: str) -> str:
-    """A ``data:`` URL of the image as stored, once it decodes (``images.open_image``)."""
-    kind = (open_image(data, pair_id, role).format or "jpeg").lower()
+def image_data_url(data: bytes, pair_id: str, role: str, max_side: int | None = None) -> str:
+    """A ``data:`` URL of the image as stored once it decodes (``images.open_image``), or,
+    when it is larger than ``max_side``, of its scaled-down copy as PNG (lossless)."""
+    image = open_image(data, pair_id, role)
+    kind = (image.format or "jpeg").lower()
+    if max_side is not None and max(image.size) > max_side:
+        buffer = io.BytesIO()
+        fit_within(image.convert("RGB"), max_side).save(buffer, format="PNG")
+        data, kind = buffer.getvalue(), "png"
     return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -231,11 +242,17 @@ class OpenAIInstructor(_OpenAIBackend):
 class OpenAIDescriber(_OpenAIBackend):
     """MLLM step: the query image, the target image, then the prompt, in one user turn."""
 
+    def __init__(self, model: str, *, image_max_side: int | None = None, **options: Any):
+        """``image_max_side``: images are scaled down to it first, as every describer does."""
+        self.image_max_side = check_max_side(image_max_side)
+        super().__init__(model, **options)
+        self.identity["settings"]["image_max_side"] = image_max_side
+
     def _content(self, request: DescriptionRequest) -> list[dict]:
         pair = request.pair
         images = [
-            image_data_url(pair.query_jpeg, pair.pair_id, "query"),
-            image_data_url(pair.target_jpeg, pair.pair_id, "target"),
+            image_data_url(pair.query_jpeg, pair.pair_id, "query", self.image_max_side),
+            image_data_url(pair.target_jpeg, pair.pair_id, "target", self.image_max_side),
         ]
         return [
             *({"type": "image_url", "image_url": {"url": url}} for url in images),

@@ -23,7 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
-from megapairs_dagster.synthesis.generation.images import fit_within, open_image
+from megapairs_dagster.synthesis.generation.images import (
+    check_max_side,
+    fit_within,
+    open_image,
+)
 
 IMAGES_PER_PROMPT = 2  # the query image, then the target image
 
@@ -72,14 +76,12 @@ class _VLLMBackend:
             raise ValueError(
                 "need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and image_workers >= 1"
             )
-        if image_max_side is not None and image_max_side < 1:
-            raise ValueError(f"generation.image_max_side must be positive, got {image_max_side}")
         self.model = model
         self.render_prompt = render_prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.image_max_side = image_max_side
+        self.image_max_side = check_max_side(image_max_side)
         self.image_workers = image_workers
         args = {"dtype": dtype, "trust_remote_code": trust_remote_code, "seed": 0,
                 **(engine_args or {})}
