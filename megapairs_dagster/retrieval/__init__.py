@@ -2,11 +2,12 @@
 
 from .data import DEFAULT_HARD_NEGATIVES, CaptionSet, ImagePixels, MMRetTrainingSet, PairExample
 from .loss import composed_infonce, training_loss
-from .model import VARIANTS, MMRetCLIP
+from .model import LAYOUTS, VARIANTS, MMRetCLIP
 from .train import StepProgress, TrainConfig, TrainReport, train_mmret
 
 __all__ = [
     "DEFAULT_HARD_NEGATIVES",
+    "LAYOUTS",
     "VARIANTS",
     "CaptionSet",
     "ImagePixels",
