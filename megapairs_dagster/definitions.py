@@ -40,7 +40,8 @@ def build_definitions(deployment: Deployment) -> Definitions:
             [corpus, lookup, encoders, embeddings, diagnostics, pairs, instructions, triplets]
         ),
         *knn_assets(deployment.resources["indexes"]),
-        build_training_asset(deployment.training_runs),
+        build_training_asset(deployment.training_runs,
+                             gpus=deployment.resources["training"].nproc_per_node),
         *([demo_benchmark] if demo else []),
         build_scores_asset(deployment.training_runs, benchmarks),
     ]

@@ -11,14 +11,23 @@ TRANSIENT_RETRY = RetryPolicy(max_retries=2, delay=5, backoff=Backoff.EXPONENTIA
 # nodes tainted `nvidia.com/gpu` (the NVIDIA GPU operator's convention). Tags, unlike run
 # config, hold for every run: launched, or started by a sensor, automation or a schedule.
 GPU_POOL = "gpu"
-GPU_TAGS = {
-    "dagster-k8s/config": {
-        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
-        "pod_spec_config": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        },
+
+
+def gpu_tags(count: int = 1) -> dict:
+    """Op tags that request ``count`` GPUs (and tolerate GPU nodes' taint) on Kubernetes."""
+    if count < 1:
+        raise ValueError(f"a GPU step needs at least one GPU, got {count}")
+    return {
+        "dagster-k8s/config": {
+            "container_config": {"resources": {"limits": {"nvidia.com/gpu": str(count)}}},
+            "pod_spec_config": {"tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ]},
+        }
     }
-}
+
+
+GPU_TAGS = gpu_tags(1)
 
 # A backfill of many shards gives each run up to this many, so a model is loaded once per run
 # rather than once per shard (the assets accept one shard or several).

@@ -23,28 +23,28 @@ from dagster import (
     DataVersion,
     MetadataValue,
     Output,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
     StaticPartitionsDefinition,
     asset,
+    open_pipes_session,
 )
 
 from megapairs_dagster import __version__
 from megapairs_dagster.assets.code_versions import versioned_by
 from megapairs_dagster.assets.plots import line_plot
-from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
-from megapairs_dagster.assets.triplets import triplet_store
+from megapairs_dagster.assets.policies import GPU_POOL, gpu_tags
+from megapairs_dagster.assets.training_run import (
+    TrainingJob,
+    WorkerFailed,
+    launch_torchrun,
+    open_model,
+    run_training,
+)
 from megapairs_dagster.resources.profiles import BASE_ENCODER, TrainingRun
 from megapairs_dagster.resources.settings import Compute, Training, domain_config
 from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.retrieval import (
-    DEFAULT_HARD_NEGATIVES,
-    CaptionSet,
-    MMRetCLIP,
-    MMRetTrainingSet,
-    TrainConfig,
-    train_mmret,
-)
-from megapairs_dagster.synthesis.encoders import RecordedFiles
-from megapairs_dagster.synthesis.image_index import read_images
+from megapairs_dagster.retrieval import DEFAULT_HARD_NEGATIVES, MMRetCLIP, TrainConfig
 
 # A triplet sample encodes its query, its target and the other hard negatives (the query is
 # the first): the caption-only control takes that many (image, caption) samples per sample.
@@ -65,65 +65,41 @@ def start_model(run: TrainingRun, base_encoders: dict) -> dict:
             "stored": bool(clip.get("stored")), "files": clip["identity"].get("files")}
 
 
-def open_model(source: dict, store: ArtifactStore) -> MMRetCLIP:
-    """The model ``start_model`` (or a checkpoint record) describes; the base encoder's files
-    must still have the hashes ``base_encoders`` recorded."""
-    client = store.client()
-    if source["stored"]:
-        return MMRetCLIP.from_pretrained(client.local_dir(source["pretrained"]))
-    expected = RecordedFiles(source["files"], "base_encoders") if source.get("files") else None
-    return MMRetCLIP.from_open_clip(
-        source["model_name"], source["pretrained"], cache_dir=str(client.cache_dir),
-        expected_files=expected,
-    )
+def _settings(store: ArtifactStore) -> dict:
+    """The store's settings, for a process that opens it itself."""
+    return {"url": store.url, "endpoint_url": store.endpoint_url, "cache_dir": store.cache_dir}
 
 
-def _triplet_set(store: ArtifactStore, index: pd.DataFrame, model: MMRetCLIP, training: Training,
-                 seed: int):
-    database = triplet_store(store)
-    frame = database.triplets_frame()
-    if frame.empty:
-        raise RuntimeError("no triplets in the store: materialise `triplets` for some shards first")
-    ids = set(frame["query_id"]) | set(frame["target_id"])
-    ids |= {i for negatives in frame["hard_negative_ids"] for i in negatives}
-    rows = read_images(store.client(), index, ids, ["jpeg", "caption"])
-    jpegs, captions = rows["jpeg"].to_dict(), rows["caption"].to_dict()
-    dataset = MMRetTrainingSet.from_triplet_store(
-        database, jpegs.__getitem__, preprocess=model.preprocess, tokenizer=model.tokenize,
-        captions=captions if training.caption_loss_weight else None, seed=seed,
-        cache_images=training.cache_images,
-    )
-    return dataset, {
-        "triplets": len(frame),
-        "shards": sorted(set(frame["shard"])),
-        "generation_config_hashes": sorted(set(frame["config_hash"])),
-    }
+def _launched(context: AssetExecutionContext, job: TrainingJob, nproc: int, workdir: Path) -> dict:
+    """The job run by torchrun in ``nproc`` processes, rank 0 reporting through Pipes."""
+    with open_pipes_session(
+        context=context, context_injector=PipesTempFileContextInjector(),
+        message_reader=PipesTempFileMessageReader(),
+    ) as session:
+        try:
+            launch_torchrun(job, nproc, dict(session.get_bootstrap_env_vars()),
+                            context.log.info, workdir)
+        except WorkerFailed as error:
+            context.log.error(str(error))
+            raise
+    (record,) = session.get_custom_messages()
+    return record
 
 
-def _caption_set(store: ArtifactStore, index: pd.DataFrame, model: MMRetCLIP, training: Training):
-    table = read_images(store.client(), index, index["image_id"], ["caption", "jpeg"])
-    jpegs = table["jpeg"].to_dict()
-    dataset = CaptionSet.from_image_bytes(
-        table["caption"].to_dict(), jpegs.__getitem__,
-        preprocess=model.preprocess, tokenizer=model.tokenize,
-        cache_images=training.cache_images,
-    )
-    return dataset, {"captioned_images": len(table), "shards": sorted(set(index["shard"]))}
-
-
-def build_training_asset(runs: Mapping[str, TrainingRun]) -> AssetsDefinition:
-    """``mmret_clip``, partitioned by the deployment's training runs."""
+def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> AssetsDefinition:
+    """``mmret_clip``, partitioned by the deployment's training runs; each step asks for
+    ``gpus`` GPUs (``training.nproc_per_node``) and trains in that many processes."""
 
     @asset(
         partitions_def=training_partitions(runs),
         group_name="training",
         ins={"base_encoders": AssetIn(), "image_index": AssetIn()},
         deps=[AssetDep("triplets", partition_mapping=AllPartitionMapping())],
-        code_version="1",
+        code_version="2",
         metadata=versioned_by("training"),
         # no automation condition: a training run costs GPU-days and is launched deliberately
         pool=GPU_POOL,
-        op_tags=GPU_TAGS,
+        op_tags=gpu_tags(gpus),
         description="MMRet-CLIP checkpoint (safetensors + config) trained with InfoNCE over "
         "in-batch candidates plus hard negatives, with a record of data, config and code.",
     )
@@ -145,46 +121,48 @@ def build_training_asset(runs: Mapping[str, TrainingRun]) -> AssetsDefinition:
             return Output({**record, "checkpoint": None},
                           metadata={"start": MetadataValue.json(source)},
                           data_version=DataVersion(json.dumps(source, sort_keys=True)))
-        model = open_model(source, store)
-        seed = training.seed + run.seed_offset
-        train_config = domain_config(TrainConfig, training, seed=seed, device=compute.device)
+        if training.nproc_per_node != gpus:
+            raise ValueError(
+                f"training.nproc_per_node is {training.nproc_per_node} but the code location "
+                f"was built for {gpus} (the step's GPU request): reload it with the new setting"
+            )
+        train_config = domain_config(TrainConfig, training, seed=training.seed + run.seed_offset,
+                                     device=compute.device)
         if run.data == "captions":
-            dataset, data = _caption_set(store, image_index, model, training)
             train_config.batch_size *= IMAGES_PER_TRIPLET
             train_config.caption_loss_weight = 1.0
-        else:
-            dataset, data = _triplet_set(store, image_index, model, training, seed)
-        report = train_mmret(
-            model, dataset, train_config,
-            progress=lambda p: context.log.info(
-                f"step {p.step}/{p.max_steps} loss {p.loss:.3f} ({p.samples_per_s:.0f} samples/s)"
-            ) if p.step % 25 == 0 or p.step == p.max_steps else None,
-        )
-        relpath = f"mmret_clip/{name}/{context.run_id[:8]}"
-        with tempfile.TemporaryDirectory() as tmp:
-            store.client().upload_dir(model.save_pretrained(Path(tmp) / "model"), relpath)
-        record.update({
-            "checkpoint": relpath,
-            "training": asdict(train_config),
-            "data": data,
-            "report": {
-                "steps": report.steps, "samples_per_s": report.samples_per_s,
-                "seconds": report.seconds, "final_loss": report.losses[-1],
-            },
-        })
+        with tempfile.TemporaryDirectory(prefix="mmret-job-") as workdir:
+            index_path = Path(workdir) / "image_index.parquet"
+            image_index.to_parquet(index_path)
+            job = TrainingJob(
+                run=name, data=run.data, source=source, store=_settings(store),
+                image_index=str(index_path), config=asdict(train_config),
+                cache_images=training.cache_images,
+                checkpoint=f"mmret_clip/{name}/{context.run_id[:8]}",
+            )
+            if training.nproc_per_node == 1:
+                result = run_training(job, log=context.log.info)
+            else:
+                result = _launched(context, job, training.nproc_per_node, Path(workdir))
+        losses = result["losses"]
+        report = result["report"]
+        record.update(result)
+        client = store.client()
         return Output(
             record,
             # Each training run is a new checkpoint: its scores turn stale even when code and
             # inputs are unchanged (Dagster would otherwise derive the same data version).
-            data_version=DataVersion(relpath),
+            data_version=DataVersion(result["checkpoint"]),
             metadata={
-                "samples_per_s": float(report.samples_per_s),
-                "seconds": float(report.seconds),
-                "final_loss": float(report.losses[-1]),
-                **{key: value for key, value in data.items() if isinstance(value, int)},
-                "checkpoint": MetadataValue.path(store.client().url(relpath)),
+                "samples_per_s": float(report["samples_per_s"]),
+                "seconds": float(report["seconds"]),
+                "final_loss": float(report["final_loss"]),
+                "processes": report["world_size"],
+                "resumed_from_step": report["resumed_from_step"],
+                **{key: value for key, value in result["data"].items() if isinstance(value, int)},
+                "checkpoint": MetadataValue.path(client.url(result["checkpoint"])),
                 "loss_curve": line_plot(
-                    list(range(1, len(report.losses) + 1)), {"loss": report.losses},
+                    list(range(1, len(losses) + 1)), {"loss": losses},
                     xlabel="step", title=f"MMRet-CLIP ({name}) training loss",
                 ),
             },

@@ -191,8 +191,8 @@ class Generation(ConfigurableResource):
         {}, description="vllm: arguments of the instruction step's vllm.LLM."
     )
     image_max_side: int | None = Field(
-        default=None, description="vllm: query and target images are scaled down on CPU "
-        "threads so that their longer side is at most this (None: as stored).",
+        default=None, description="Descriptions: query and target images are scaled down so "
+        "that their longer side is at most this, by every backend (None: as stored).",
     )
     image_workers: int = unversioned(8, description="vllm: CPU threads decoding images.")
 
@@ -250,4 +250,14 @@ class Training(ConfigurableResource):
         0,
         description="Preprocessed images kept in memory per data process (0: decode every "
         "time). Worth it when the corpus fits: a triplet sample decodes 5 images.",
+    )
+    nproc_per_node: int = Field(
+        default=1, description="Training processes (GPUs) per run: more than 1 launches "
+        "torchrun through Dagster Pipes. The global batch is batch_size x grad_accum_steps x "
+        "nproc_per_node.",
+    )
+    num_workers: int = unversioned(0, description="DataLoader workers per training process.")
+    checkpoint_every: int = unversioned(
+        0, description="Optimizer steps between resumable states saved to the artifact store "
+        "(0: none; a failed run then starts over).",
     )

@@ -241,9 +241,11 @@ def train_mmret(
     dataset: MMRetTrainingSet | CaptionSet,
     config: TrainConfig,
     progress: Callable[[StepProgress], bool | None] | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``config.max_steps`` optimizer steps (across resumes);
-    ``progress``, called after every step, ends the run by returning True.
+    ``progress``, called after every step, ends the run by returning True; ``on_checkpoint``
+    gets the state file and its step on rank 0 after each save (to copy it off the machine).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments
     (and its ``progress`` must return the same); only rank 0 writes checkpoints.
@@ -320,6 +322,8 @@ def train_mmret(
                     "config": asdict(config),
                 },
             )
+            if on_checkpoint is not None:
+                on_checkpoint(state_path, step)
         if world_size > 1:
             dist.barrier()
 
