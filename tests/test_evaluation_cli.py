@@ -177,6 +177,8 @@ def test_score_fashioniq_perfect_and_per_category(tmp_path, capsys):
     ("cirr", "cirr", {"version": "rc2", "metric": "recall_subset"}, "'metric' must be 'recall'"),
     ("fashioniq", "fashioniq", {"dress": {}}, "exactly the categories"),
     ("circo", "cirr", {}, "no file val.json here or in captions/"),
+    ("circo", "circo/test.json", {}, "query 0 (position 0) has no ground truth: a test split?"),
+    ("cirr", "cirr/cap.rc2.test1.json", {}, "has no ground truth: a test split?"),
 ])
 def test_score_malformed_input_exits_with_a_message(tmp_path, capsys, benchmark, annotations,
                                                      predictions, message):

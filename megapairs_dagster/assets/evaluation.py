@@ -1,10 +1,12 @@
-"""``demo_benchmark`` and ``benchmark_scores`` (benchmark × model)."""
+"""``demo_benchmark`` and ``benchmark_scores`` (benchmark × model), with the CIRCO and CIRR
+test-server submission files."""
 
 import io
 import json
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from dagster import (
     AssetDep,
@@ -24,15 +26,19 @@ from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
 from megapairs_dagster.assets.training import trained_model, training_partitions
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.demo import write_demo_benchmark
-from megapairs_dagster.evaluation.datasets import load_cirr, load_fashioniq
+from megapairs_dagster.evaluation.datasets import load_circo, load_cirr, load_fashioniq
 from megapairs_dagster.evaluation.evaluate import (
     ComposedEncoder,
     Metrics,
+    circo_test_submissions,
+    cirr_test_submissions,
     evaluate_circo_format,
     evaluate_cirr,
     evaluate_fashioniq,
+    reusing_gallery_embeddings,
 )
 from megapairs_dagster.evaluation.readers import read_circo
+from megapairs_dagster.evaluation.submission import check_test_gallery, submission_json
 from megapairs_dagster.resources.profiles import TrainingRun
 from megapairs_dagster.resources.settings import BenchmarkData
 from megapairs_dagster.resources.store import ArtifactStore
@@ -41,6 +47,9 @@ from megapairs_dagster.resources.store import ArtifactStore
 HEADLINE_METRIC = {"demo_cir": "mAP@5", "circo": "mAP@5", "cirr": "R@1", "fashioniq": "R@10"}
 
 
+def submission_relpath(benchmark: str, model: str, name: str) -> str:
+    """Where ``benchmark_scores`` writes a test-server file in the artifact store."""
+    return f"benchmark_scores/{benchmark}/{model}/submission_{name}.json"
 
 
 def benchmark_by_model(
@@ -98,13 +107,7 @@ def _demo_cir(store: ArtifactStore) -> Scorer:
 
 
 def _circo(data: BenchmarkData) -> Scorer:
-    folder = Path(data.circo_images)
-    queries = read_circo(data.circo_annotations)
-    gallery = sorted(str(int(p.stem)) for p in folder.glob("*.jpg"))
-
-    def load(image_id: str) -> Image.Image:
-        return Image.open(folder / f"{int(image_id):012d}.jpg").convert("RGB")
-
+    queries, gallery, load = load_circo(data.circo_annotations, data.circo_images)
     return lambda model: evaluate_circo_format(model, queries, gallery, load)
 
 
@@ -119,6 +122,30 @@ def _fashioniq(data: BenchmarkData) -> Scorer:
 
 
 REAL_BENCHMARKS = {"circo": _circo, "cirr": _cirr, "fashioniq": _fashioniq}
+
+
+class PendingSubmission(NamedTuple):
+    """A test split, read and checked, waiting for the model to rank it."""
+
+    queries: int
+    files: Callable[[ComposedEncoder], dict[str, dict]]  # model -> {file name: submission}
+
+
+def _circo_test(data: BenchmarkData) -> PendingSubmission:
+    queries, gallery, load = load_circo(data.circo_test_annotations, data.circo_images, "test")
+    check_test_gallery("circo", queries, gallery)
+    return PendingSubmission(
+        len(queries), lambda model: circo_test_submissions(model, queries, gallery, load))
+
+
+def _cirr_test(data: BenchmarkData) -> PendingSubmission:
+    queries, gallery, load = load_cirr(data.cirr_test_annotations, data.cirr_images, "test1")
+    check_test_gallery("cirr", queries, gallery)
+    return PendingSubmission(
+        len(queries), lambda model: cirr_test_submissions(model, queries, gallery, load))
+
+
+TEST_SPLITS = {"circo": _circo_test, "cirr": _cirr_test}
 
 
 def build_scores_asset(
@@ -141,7 +168,9 @@ def build_scores_asset(
         description="Metrics of one training run's model on one benchmark, as the official "
         "evaluation computes them; also rows of the `benchmark_scores` table. A benchmark "
         "whose data is not configured is skipped (nothing materialised) with a message naming "
-        "the settings to set.",
+        "the settings to set. With `benchmark_data.<circo|cirr>_test_annotations` set, the "
+        "model also ranks the test split into the test server's submission files, written "
+        "beside the scores (`benchmark_scores/<benchmark>/<model>/submission_*.json`).",
     )
     def benchmark_scores(
         context: AssetExecutionContext,
@@ -158,9 +187,18 @@ def build_scores_asset(
         # Read and check the benchmark before loading a model: a missing image fails fast.
         read = REAL_BENCHMARKS.get(benchmark)
         score = read(benchmark_data) if read else _demo_cir(store)
+        test_unset = benchmark_data.unset_test(benchmark)
+        if test_unset:
+            context.log.info(f"{benchmark} test-server files not written: set {test_unset[0]}")
+        submit = TEST_SPLITS[benchmark](benchmark_data) if test_unset == [] else None
         model = trained_model(mmret_clip, store)
         checkpoint = mmret_clip.get("checkpoint") or json.dumps(mmret_clip["start"])
-        metrics = score(model)
+        with reusing_gallery_embeddings():  # CIRCO's test split ranks val's gallery
+            metrics = score(model)
+            submitted = _write_submissions(store, benchmark, model_name, model, submit)
+        if submit:
+            context.log.info(f"{benchmark} test-server files written: "
+                             f"{', '.join(str(url.value) for url in submitted.values())}")
         rows = triplet_store(store).replace_scores(benchmark, model_name, metrics, checkpoint)
         overall, headline = metrics["all"], HEADLINE_METRIC[benchmark]
         yield MaterializeResult(
@@ -171,7 +209,24 @@ def build_scores_asset(
                 ),
                 "checkpoint": checkpoint,
                 "table_rows": rows,
+                **submitted,
+                **({"test_queries": submit.queries} if submit else {}),
             }
         )
 
     return benchmark_scores
+
+
+def _write_submissions(store: ArtifactStore, benchmark: str, model_name: str,
+                       model: ComposedEncoder, submit: PendingSubmission | None) -> dict:
+    """Rank the test split (if configured) and write its validated files; their URLs as
+    metadata entries ``submission_<name>``."""
+    if submit is None:
+        return {}
+    client = store.client()
+    urls = {}
+    for name, submission in submit.files(model).items():
+        relpath = submission_relpath(benchmark, model_name, name)
+        client.write_bytes(relpath, submission_json(submission))
+        urls[f"submission_{name}"] = MetadataValue.path(client.url(relpath))
+    return urls

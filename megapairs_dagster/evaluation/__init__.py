@@ -7,14 +7,21 @@
 - ``metrics``: CIRCO mAP@k / R@k, CIRR R@k / R_subset@k, FashionIQ R@10/50, matching the
   official evaluation code's quirks; ``rank_gallery`` turns similarities into rankings.
 - ``submission``: the CIRCO and CIRR test-server files, built and validated.
-- ``datasets``: the official CIRR and FashionIQ folders on disk -> queries, galleries and a
-  checked image loader.
+- ``datasets``: the official CIRCO, CIRR and FashionIQ data on disk (val and test splits) ->
+  queries, galleries and a checked image loader.
 - ``evaluate``: score a model exposing ``encode(images=..., text=...)`` on CIRCO-format, CIRR
-  and FashionIQ benchmarks.
+  and FashionIQ benchmarks, and rank CIRCO's and CIRR's test splits into submission files.
 - ``cli``: the ``score`` command.
 """
 
-from megapairs_dagster.evaluation.datasets import find_annotation_file, load_cirr, load_fashioniq
+from megapairs_dagster.evaluation.datasets import (
+    find_annotation_file,
+    is_test_split,
+    load_circo,
+    load_cirr,
+    load_fashioniq,
+)
+from megapairs_dagster.evaluation.evaluate import circo_test_submissions, cirr_test_submissions
 from megapairs_dagster.evaluation.metrics import (
     circo_metrics,
     cirr_metrics,
@@ -41,9 +48,11 @@ from megapairs_dagster.evaluation.readers import (
 from megapairs_dagster.evaluation.submission import (
     build_circo_submission,
     build_cirr_submissions,
+    check_test_gallery,
     read_circo_submission,
     read_cirr_submission,
     read_fashioniq_predictions,
+    submission_json,
     validate_circo_submission,
     validate_cirr_submission,
     write_submission,
@@ -51,11 +60,14 @@ from megapairs_dagster.evaluation.submission import (
 
 __all__ = [
     "FASHIONIQ_CATEGORIES", "BenchmarkInputError", "CirQuery",
-    "build_circo_submission", "build_cirr_submissions", "circo_metrics", "circo_query_text",
-    "cirr_metrics", "cirr_query_text", "fashioniq_metrics", "fashioniq_query_text",
-    "find_annotation_file", "load_cirr", "load_fashioniq", "rank_gallery",
+    "build_circo_submission", "build_cirr_submissions", "check_test_gallery", "circo_metrics",
+    "circo_query_text", "circo_test_submissions", "cirr_metrics", "cirr_query_text",
+    "cirr_test_submissions", "fashioniq_metrics", "fashioniq_query_text",
+    "find_annotation_file", "is_test_split", "load_circo", "load_cirr", "load_fashioniq",
+    "rank_gallery",
     "read_circo", "read_circo_gallery", "read_circo_submission", "read_cirr",
     "read_cirr_gallery", "read_cirr_split", "read_cirr_submission", "read_fashioniq",
-    "read_fashioniq_gallery", "read_fashioniq_predictions", "validate_circo_submission",
+    "read_fashioniq_gallery", "read_fashioniq_predictions", "submission_json",
+    "validate_circo_submission",
     "validate_cirr_submission", "write_submission",
 ]

@@ -58,10 +58,11 @@ def score(benchmark: str, annotations: Path, predictions: Path,
     if predictions_subset is not None and benchmark != "cirr":
         raise BenchmarkInputError("--predictions-subset applies to cirr only")
     if benchmark == "circo":
-        queries = read_circo(_annotation_file(annotations, f"{split}.json"))
+        queries = read_circo(_annotation_file(annotations, f"{split}.json"), ground_truth=True)
         return circo_metrics(queries, read_circo_submission(predictions, queries))
     if benchmark == "cirr":
-        queries = read_cirr(_annotation_file(annotations, f"cap.rc2.{split}.json"))
+        queries = read_cirr(_annotation_file(annotations, f"cap.rc2.{split}.json"),
+                           ground_truth=True)
         subset = (read_cirr_submission(predictions_subset, queries, "recall_subset")
                   if predictions_subset is not None else None)
         return cirr_metrics(queries, read_cirr_submission(predictions, queries, "recall"), subset)

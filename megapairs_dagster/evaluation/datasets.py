@@ -1,4 +1,5 @@
-"""Official benchmark folders on disk: the annotation files, and the image files they name.
+"""Official CIRCO, CIRR and FashionIQ data on disk: the annotation files, and the image files
+they name.
 
 Everything a scoring run reads is located and checked here, before any model is loaded: a
 missing folder, file or image is a BenchmarkInputError naming the path, not a failure half-way
@@ -16,6 +17,7 @@ from megapairs_dagster.evaluation.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
     CirQuery,
+    read_circo,
     read_cirr,
     read_cirr_split,
     read_fashioniq,
@@ -63,16 +65,46 @@ def _image_loader(ids: Iterable[str], locate: Callable[[str], Path | None],
     return lambda image_id: Image.open(files[image_id]).convert("RGB")
 
 
+def is_test_split(split: str) -> bool:
+    """Whether ``split`` is a test split (CIRCO ``test``, CIRR ``test1``): its queries have no
+    ground truths, which a test server keeps, and the readers refuse any that has one."""
+    return split.startswith("test")
+
+
+def load_circo(annotations: str | Path, images: str | Path,
+               split: str = "val") -> tuple[list[CirQuery], list[str], ImageLoader]:
+    """Queries, gallery ids and image loader of CIRCO ``split`` (``val`` or ``test``).
+
+    ``annotations`` is the split's file (``val.json``, ``test.json``) or the folder holding it;
+    ``images`` holds the COCO unlabeled2017 images (``000000271520.jpg``), all of which are the
+    gallery of both splits, ordered by id as text. Every reference must be among them.
+    """
+    path = Path(annotations)
+    if not path.is_file():
+        path = find_annotation_file(_folder(path), f"{split}.json")
+    queries = read_circo(path, ground_truth=not is_test_split(split))
+    folder = _folder(images)
+    files = {str(int(file.stem)): file for file in folder.glob("*.jpg") if file.stem.isdigit()}
+    missing = [query.reference_id for query in queries if query.reference_id not in files]
+    if missing:
+        raise BenchmarkInputError(
+            f"{folder} (NNNNNNNNNNNN.jpg): {len(missing)} images referenced by the annotations "
+            f"are missing, e.g. {missing[:5]}")
+    return queries, sorted(files), lambda image_id: Image.open(files[image_id]).convert("RGB")
+
+
 def load_cirr(annotations: str | Path, images: str | Path,
               split: str = "val") -> tuple[list[CirQuery], list[str], ImageLoader]:
-    """Queries, gallery names and image loader of CIRR rc2 ``split``.
+    """Queries, gallery names and image loader of CIRR rc2 ``split`` (``val``, ``test1``).
 
     ``annotations`` holds ``cap.rc2.<split>.json`` and ``split.rc2.<split>.json``; ``images``
-    is the folder the split file's paths are relative to, the one holding CIRR's ``dev/`` of
-    NLVR2 images (``./dev/dev-244-0-img0.png``). The gallery is the split file, in its order.
+    is the folder the split file's paths are relative to, CIRR's ``img_raw`` holding ``dev/``
+    and ``test1/`` of NLVR2 images (``./dev/dev-244-0-img0.png``, ``./test1/...``). The gallery
+    is the split file, in its order.
     """
     annotations = _folder(annotations)
-    queries = read_cirr(find_annotation_file(annotations, f"cap.rc2.{split}.json"))
+    queries = read_cirr(find_annotation_file(annotations, f"cap.rc2.{split}.json"),
+                        ground_truth=not is_test_split(split))
     split_file = find_annotation_file(annotations, f"split.rc2.{split}.json")
     paths = read_cirr_split(split_file)
     folder = _folder(images)

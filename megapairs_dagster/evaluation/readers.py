@@ -49,8 +49,13 @@ def read_json(path: str | Path) -> Any:
         raise BenchmarkInputError(f"{path}: not valid JSON ({error})") from error
 
 
-def _records(path: str | Path, parse: Callable[[dict, int], CirQuery]) -> list[CirQuery]:
-    """Parse a JSON list of records, naming the file and record position on failure."""
+def _records(path: str | Path, parse: Callable[[dict, int], CirQuery],
+             ground_truth: bool | None = None) -> list[CirQuery]:
+    """Parse a JSON list of records, naming the file and record position on failure.
+
+    ``ground_truth``: True (a val split) refuses a query without one, False (a test split) a
+    query with one, None takes either but not both in one file.
+    """
     data = read_json(path)
     if not isinstance(data, list):
         raise BenchmarkInputError(f"{path}: expected a JSON list of queries")
@@ -66,7 +71,26 @@ def _records(path: str | Path, parse: Callable[[dict, int], CirQuery]) -> list[C
     ids = [query.query_id for query in queries]
     if len(set(ids)) != len(ids):
         raise BenchmarkInputError(f"{path}: duplicate query ids")
+    _check_ground_truth(path, queries, ground_truth)
     return queries
+
+
+def _check_ground_truth(path: str | Path, queries: list[CirQuery],
+                        ground_truth: bool | None) -> None:
+    labelled = [query.target_id is not None for query in queries]
+    if ground_truth is None and len(set(labelled)) > 1:
+        raise BenchmarkInputError(
+            f"{path}: {labelled.count(False)} of {len(labelled)} queries have no ground truth: "
+            "a split has ground truths for every query (val) or for none (test)")
+    if ground_truth is not None and not all(has == ground_truth for has in labelled):
+        position = labelled.index(not ground_truth)
+        if ground_truth:
+            raise BenchmarkInputError(
+                f"{path}: query {queries[position].query_id} (position {position}) has no "
+                "ground truth: a test split? Scoring needs the val split's annotations")
+        raise BenchmarkInputError(
+            f"{path}: query {queries[position].query_id} (position {position}) has a ground "
+            "truth: a val split? Test-server files are for the test split's annotations")
 
 
 def _text(value: Any) -> str:
@@ -75,8 +99,12 @@ def _text(value: Any) -> str:
     return value
 
 
-def read_circo(path: str | Path) -> list[CirQuery]:
-    """CIRCO ``val.json`` (with ground truths) or ``test.json`` (without)."""
+def read_circo(path: str | Path, ground_truth: bool | None = None) -> list[CirQuery]:
+    """CIRCO ``val.json`` (with ground truths) or ``test.json`` (without).
+
+    ``ground_truth``: True requires one for every query (``gt_img_ids`` and
+    ``target_img_id``: scoring a val split), False for none (test), None takes either.
+    """
 
     def parse(record: dict, _: int) -> CirQuery:
         has_targets = "gt_img_ids" in record
@@ -88,11 +116,15 @@ def read_circo(path: str | Path) -> list[CirQuery]:
             ground_truth_ids=tuple(str(int(i)) for i in record["gt_img_ids"]) if has_targets else (),
         )
 
-    return _records(path, parse)
+    return _records(path, parse, ground_truth)
 
 
-def read_cirr(path: str | Path) -> list[CirQuery]:
-    """CIRR rc2 ``cap.rc2.{val,test1}.json``; ``target_hard`` exists on val only."""
+def read_cirr(path: str | Path, ground_truth: bool | None = None) -> list[CirQuery]:
+    """CIRR rc2 ``cap.rc2.{val,test1}.json``; ``target_hard`` exists on val only.
+
+    ``ground_truth``: True requires ``target_hard`` in every record (val), False in none
+    (test1), None takes either.
+    """
 
     def parse(record: dict, _: int) -> CirQuery:
         target = record.get("target_hard")
@@ -108,7 +140,7 @@ def read_cirr(path: str | Path) -> list[CirQuery]:
             subset_ids=tuple(_text(member) for member in members),
         )
 
-    return _records(path, parse)
+    return _records(path, parse, ground_truth)
 
 
 def read_fashioniq(path: str | Path) -> list[CirQuery]:

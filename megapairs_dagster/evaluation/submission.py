@@ -117,11 +117,43 @@ def build_cirr_submissions(rankings: Rankings, queries: Sequence[CirQuery]) -> t
     return recall, recall_subset
 
 
+def check_test_gallery(benchmark: str, queries: Sequence[CirQuery],
+                       gallery_ids: Sequence[str]) -> None:
+    """Raise BenchmarkInputError unless ranking ``gallery_ids`` can fill every list of the
+    ``benchmark``'s submission files: 50 ids per query (CIRCO: reference kept; CIRR: besides
+    the reference) and, for CIRR, 3 img_set members other than the reference. Checked before
+    a model is loaded, so that a small or partial gallery fails at once."""
+    gallery = set(gallery_ids)
+    if benchmark == "circo":
+        if len(gallery) < CIRCO_TOP:
+            raise BenchmarkInputError(f"CIRCO test: a gallery of {len(gallery)} images cannot "
+                                      f"fill the top {CIRCO_TOP} the server expects")
+        return
+    if benchmark != "cirr":
+        raise BenchmarkInputError(f"{benchmark} has no test server; expected circo or cirr")
+    for query in queries:
+        others = gallery - {query.reference_id}
+        if len(others) < CIRR_TOP["recall"]:
+            raise BenchmarkInputError(
+                f"CIRR test: a gallery of {len(others)} images besides the reference of query "
+                f"{query.query_id} cannot fill the top {CIRR_TOP['recall']} the server expects")
+        members = (set(query.subset_ids) - {query.reference_id}) & gallery
+        if len(members) < CIRR_TOP["recall_subset"]:
+            raise BenchmarkInputError(
+                f"CIRR test: query {query.query_id} has {len(members)} img_set members besides "
+                f"its reference in the gallery; recall_subset needs {CIRR_TOP['recall_subset']}")
+
+
+def submission_json(submission: dict) -> bytes:
+    """A built submission as compact UTF-8 JSON (CIRR's server takes at most 5 MB)."""
+    return json.dumps(submission).encode("utf-8")
+
+
 def write_submission(path: str | Path, submission: dict) -> Path:
     """Write a built submission as compact JSON (CIRR's server takes at most 5 MB)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(submission), encoding="utf-8")
+    path.write_bytes(submission_json(submission))
     return path
 
 

@@ -201,13 +201,20 @@ class BenchmarkData(ConfigurableResource):
     """Where the real benchmarks live; a benchmark whose paths are unset is skipped.
 
     Each benchmark has a ``<benchmark>_annotations`` and a ``<benchmark>_images`` setting.
+    CIRCO and CIRR also have ``<benchmark>_test_annotations``: set, ``benchmark_scores`` also
+    writes the test server's submission files; unset, it writes none and says so.
     """
 
     circo_annotations: str | None = unversioned(
-        None, description="CIRCO annotations file (val.json, with ground truths)."
+        None, description="CIRCO annotations file (val.json, with ground truths), or the "
+        "folder holding it."
     )
     circo_images: str | None = unversioned(
         None, description="Folder of the COCO unlabeled2017 images (NNNNNNNNNNNN.jpg)."
+    )
+    circo_test_annotations: str | None = unversioned(
+        None, description="CIRCO's test.json (no ground truths), or the folder holding it: "
+        "also write the CIRCO test server's submission file. The gallery is circo_images.",
     )
     cirr_annotations: str | None = unversioned(
         None, description="Folder with CIRR's cap.rc2.val.json and split.rc2.val.json (directly "
@@ -215,7 +222,13 @@ class BenchmarkData(ConfigurableResource):
     )
     cirr_images: str | None = unversioned(
         None, description="CIRR's img_raw folder, which the split file's paths are relative "
-        "to: it holds dev/ with the NLVR2 images (dev/dev-244-0-img0.png).",
+        "to: it holds dev/ with the NLVR2 images (dev/dev-244-0-img0.png), and test1/ for the "
+        "test split.",
+    )
+    cirr_test_annotations: str | None = unversioned(
+        None, description="Folder with CIRR's cap.rc2.test1.json and split.rc2.test1.json "
+        "(directly or in captions/ and image_splits/): also write the CIRR test server's recall "
+        "and recall_subset files. The images are cirr_images' test1/.",
     )
     fashioniq_annotations: str | None = unversioned(
         None, description="Folder with FashionIQ's cap.<category>.val.json and "
@@ -232,6 +245,14 @@ class BenchmarkData(ConfigurableResource):
             return []
         names = (f"{benchmark}_annotations", f"{benchmark}_images")
         return [f"benchmark_data.{name}" for name in names if not getattr(self, name)]
+
+    def unset_test(self, benchmark: str) -> list[str] | None:
+        """The settings still to set before ``benchmark``'s test-server files are written
+        (besides those of ``unset``); None for a benchmark without a test server."""
+        if benchmark not in ("circo", "cirr"):
+            return None
+        name = f"{benchmark}_test_annotations"
+        return [] if getattr(self, name) else [f"benchmark_data.{name}"]
 
 
 class Training(ConfigurableResource):
