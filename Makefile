@@ -63,10 +63,11 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 lint: install
 	$(VENV)/bin/ruff check megapairs_dagster tests bench
 
-bench: install
+bench: install vllm-env
 	$(PY) bench/embed.py
 	$(PY) bench/knn.py
 	$(PY) bench/train.py
+	$(PY) bench/generation.py
 
 clean:
 	rm -rf data .dagster_home .dagster_paper

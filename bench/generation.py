@@ -5,21 +5,26 @@ measured side by side in one run against the same server.
   all pairs in one batch (``max_attempts=1``: every output parsed and validated, nothing
   retried) with the ``openai`` backend that ``make_instructor`` builds (``max_concurrency=C``);
 - bare: ``requests`` in a ``ThreadPoolExecutor(max_workers=C)`` (one Session per worker)
-  posting the same chat-completion bodies; no retries, no validation.
+  building and posting the same chat-completion bodies; no retries, no validation.
 
 The server is vLLM's CPU build (.venv-vllm, ``make vllm-env``) serving the tiny random Llama
 of tests/vllm_models.py, started once by the project's ``serve_model`` as the
-generation_server resource starts it. The bare loop rebuilds the driver's requests (seeds from
-``derive_seed``, demonstrations from ``sample_demonstrations``, prompts from
-``render_instruction_prompt``), and every timed run asserts that both sides' outputs are
-equal (vLLM seeds each request). Generated tokens are counted on both sides alike: the output
-texts re-tokenised with the model's tokenizer. vLLM caches prompt prefixes, so an untimed pass
-over all requests comes first: every timed run then finds the same cache, whichever side runs
-first (``--no-prefix-caching`` serves without the cache instead, each run prefilling anew).
-Reported per concurrency: pairs/s and generated tokens/s of each side (medians over repeats,
-order alternating) and pipeline/bare. Target: >= 0.95.
+generation_server resource starts it (plus --no-enable-chunked-prefill: see main()). The
+bare loop rebuilds the driver's requests (seeds from ``derive_seed``, demonstrations from
+``sample_demonstrations``, prompts from ``render_instruction_prompt``) inside its timed
+region, as the driver does; every timed run asserts that the driver sent those very bodies and
+that both sides' outputs are equal (vLLM seeds each sampled request). Generated tokens are
+counted alike for both: the output texts re-tokenised with the model's tokenizer. vLLM caches
+prompt prefixes, so an untimed pass over all requests comes first: every timed run then finds
+the same cache, whichever side runs first (``--no-prefix-caching`` serves without it, each
+run prefilling anew). Reported per concurrency: pairs/s and generated tokens/s of each side
+(medians over repeats, order alternating), pipeline/bare (target: >= 0.95), the median of
+each repeat's own ratio (its two runs back to back: steadier where other work shares the
+machine), the driver's own time (its run minus the time inside the backend's ``instruct``),
+and the client's CPU time per pair on each side (median; it competes with the server for
+the same cores here).
 
-Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/generation.py [--pairs 96] [--new-tokens 32]
+Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/generation.py [--pairs 128] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,7 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from vllm_models import MAX_MODEL_LEN, save_served_llm
 
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+# As in tests/vllm_models.vllm_python: `make vllm-env` makes .venv-vllm.
+VLLM_PYTHON = Path(os.environ.get("MEGAPAIRS_VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python"
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 PROMPT_VERSION = "v1"
 TEMPERATURE = 0.7
@@ -76,33 +83,50 @@ def described_pairs(count: int) -> list[tuple[PairInput, str]]:
     ]
 
 
+class Clock:
+    """Wall seconds, and CPU seconds of this process (the client: all its threads), since
+    made. CPU time is far less sensitive than wall time to other work on the machine."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 class Recording:
-    """The backend as the driver sees it, keeping the requests it built and the raw outputs."""
+    """The backend as the driver sees it, keeping the requests it built, the raw outputs and
+    the time spent in it."""
 
     def __init__(self, backend):
         self.backend = backend
         self.identity = backend.identity
         self.requests: list[InstructionRequest] = []
         self.outputs: list[str] = []
+        self.seconds = 0.0  # inside the backend: the HTTP requests, as the bare loop's
 
     def instruct(self, requests_: list[InstructionRequest]) -> list[str]:
+        started = time.perf_counter()
         outputs = self.backend.instruct(requests_)
+        self.seconds += time.perf_counter() - started
         self.requests += requests_
         self.outputs += outputs
         return outputs
 
 
-def pipeline(described, settings: BackendSettings, pool, seed: int) -> tuple[float, Recording]:
-    """Seconds for the driver over all pairs in one batch; the requests and raw outputs."""
+def pipeline(
+    described, settings: BackendSettings, pool, seed: int
+) -> tuple[float, float, Recording]:
+    """Wall and CPU seconds of the driver over all pairs in one batch; what it sent and got."""
     backend = Recording(make_instructor(settings))  # once per step in the asset: untimed
-    started = time.perf_counter()
+    clock = Clock()
     rows, rejects = generate_instructions(
         described, backend, demonstrations=pool, seed=seed, max_attempts=1,
         batch_size=len(described),
     )
-    seconds = time.perf_counter() - started
+    wall, cpu = clock.read()
     assert len(rows) + len(rejects) == len(described)
-    return seconds, backend
+    return wall, cpu, backend
 
 
 def driver_requests(described, pool, seed: int) -> list[InstructionRequest]:
@@ -132,8 +156,11 @@ def chat_bodies(requests_: list[InstructionRequest], model: str, new_tokens: int
     ]
 
 
-def bare(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[str], int]:
-    """Seconds to post every body with ``concurrency`` in flight; texts; completion tokens."""
+def bare(
+    url: str, make_bodies: Callable[[], list[dict]], concurrency: int
+) -> tuple[float, float, list[str], int]:
+    """Wall and CPU seconds to build the bodies (the driver builds its requests in its time)
+    and post them with ``concurrency`` in flight; the texts; the completion tokens."""
     local = threading.local()
 
     def post(body: dict) -> dict:
@@ -143,20 +170,21 @@ def bare(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[st
         response.raise_for_status()
         return response.json()
 
-    started = time.perf_counter()
+    clock = Clock()
     with ThreadPoolExecutor(max_workers=concurrency) as executor:
-        answers = list(executor.map(post, bodies))
-    seconds = time.perf_counter() - started
+        answers = list(executor.map(post, make_bodies()))
     texts = [answer["choices"][0]["message"]["content"] or "" for answer in answers]
-    return seconds, texts, sum(answer["usage"]["completion_tokens"] for answer in answers)
+    wall, cpu = clock.read()
+    return wall, cpu, texts, sum(answer["usage"]["completion_tokens"] for answer in answers)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=96, help="pairs per timed run")
+    parser.add_argument("--pairs", type=int, default=128, help="pairs per timed run")
     parser.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="runs of each side per concurrency (order alternating)")
     parser.add_argument("--seed", type=int, default=0, help="the run seed (generation.seed)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="serve with --no-enable-prefix-caching")
@@ -167,12 +195,20 @@ def main() -> None:
         sys.exit(f"no vLLM environment at {VLLM_PYTHON.parent.parent}: run `make vllm-env`")
 
     start = time.perf_counter()
+    load_before = os.getloadavg()  # other work on the machine skews every number here
     pool = load_demonstrations(PROMPT_VERSION)
     described = described_pairs(args.pairs)
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         llm = str(save_served_llm(Path(tmp) / "llm"))
         tokenizer = AutoTokenizer.from_pretrained(llm)
-        server_args = ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]
+        # Without chunked prefill: vLLM 0.32 rewinds a seeded request's generator after a
+        # partial prefill with Generator.set_offset, which a CPU generator does not have, so
+        # on the CPU build a sampled, seeded request whose prompt is split kills the engine
+        # ("CPU Generator does not use offset"). The prompts here are ~1.7k tokens and the
+        # CPU server's default budget is 2048 tokens a step: two arriving together split.
+        server_args = ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+                       "--no-enable-chunked-prefill",
+                       "--max-num-batched-tokens", str(MAX_MODEL_LEN)]
         if args.no_prefix_caching:
             server_args.append("--no-enable-prefix-caching")
         command = GenerationServer(
@@ -184,7 +220,12 @@ def main() -> None:
             setup_s = time.perf_counter() - start
             print(f"vllm serve up in {setup_s:.0f} s; {args.pairs} pairs, "
                   f"max_new_tokens {args.new_tokens}, {os.cpu_count()} cores", flush=True)
-            results = measure(args, server.url, llm, described, pool, tokenizer)
+            try:
+                results = measure(args, server.url, llm, described, pool, tokenizer)
+            except BaseException:
+                lines = server.log_path.read_text(errors="replace").splitlines()
+                print("last lines of the server log:", *lines[-100:], sep="\n", file=sys.stderr)
+                raise
     header = {
         "what": "generate_instructions (openai backend) vs a bare requests loop, same server",
         "vllm": "vllm-cpu " + vllm_version(), "cpu_cores": os.cpu_count(),
@@ -192,9 +233,11 @@ def main() -> None:
         "pairs": args.pairs, "new_tokens": args.new_tokens, "temperature": TEMPERATURE,
         "repeats": args.repeats, "prefix_caching": not args.no_prefix_caching,
         "setup_s": setup_s, "total_s": time.perf_counter() - start,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
     print_table(results)
-    print(f"\ntotal {header['total_s']:.0f} s; target pipeline/bare >= 0.95")
+    print(f"\ntotal {header['total_s']:.0f} s; target pipeline/bare >= 0.95; load average "
+          f"(1 min) {load_before[0]:.1f} before, {header['loadavg_after'][0]:.1f} after")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"header": header, "rows": results}, indent=2))
@@ -202,7 +245,10 @@ def main() -> None:
 
 
 def measure(args, url: str, llm: str, described, pool, tokenizer) -> list[dict]:
-    bodies = chat_bodies(driver_requests(described, pool, args.seed), llm, args.new_tokens)
+    def make_bodies() -> list[dict]:
+        return chat_bodies(driver_requests(described, pool, args.seed), llm, args.new_tokens)
+
+    bodies = make_bodies()
 
     def settings(concurrency: int) -> BackendSettings:
         return BackendSettings(
@@ -213,8 +259,8 @@ def measure(args, url: str, llm: str, described, pool, tokenizer) -> list[dict]:
 
     # Untimed: a small batch through each side, then every request once (the prefix cache).
     pipeline(described[:4], settings(4), pool, args.seed)
-    bare(url, bodies[:4], 4)
-    _, reference, _ = bare(url, bodies, max(args.concurrency))
+    bare(url, lambda: bodies[:4], 4)
+    _, _, reference, server_tokens = bare(url, make_bodies, max(args.concurrency))
 
     def tokens(texts: list[str]) -> int:
         return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
@@ -223,39 +269,63 @@ def measure(args, url: str, llm: str, described, pool, tokenizer) -> list[dict]:
     results = []
     for concurrency in args.concurrency:
         seconds: dict[str, list[float]] = {"pipeline": [], "bare": []}
-        completion_tokens = 0
+        cpu_seconds: dict[str, list[float]] = {"pipeline": [], "bare": []}
+        in_backend: list[float] = []
         for repeat in range(args.repeats):
             order = ["pipeline", "bare"] if repeat % 2 == 0 else ["bare", "pipeline"]
             for side in order:
                 if side == "pipeline":
-                    took, recorded = pipeline(described, settings(concurrency), pool, args.seed)
+                    took, cpu, recorded = pipeline(described, settings(concurrency), pool, args.seed)
                     # The bare loop sends what the driver sent, and gets what it got.
                     assert chat_bodies(recorded.requests, llm, args.new_tokens) == bodies
                     texts = recorded.outputs
+                    in_backend.append(recorded.seconds)
                 else:
-                    took, texts, completion_tokens = bare(url, bodies, concurrency)
+                    took, cpu, texts, completion_tokens = bare(url, make_bodies, concurrency)
+                    assert completion_tokens == server_tokens
                 assert texts == reference, f"{side} outputs differ at concurrency {concurrency}"
                 seconds[side].append(took)
-        row = {"concurrency": concurrency, "seconds": seconds, "generated_tokens": generated,
-               "server_completion_tokens": completion_tokens}
+                cpu_seconds[side].append(cpu)
+        # generated: the outputs re-tokenised (byte-level BPE: more tokens than the server's
+        # completion_tokens, which the bare loop reports and which do not vary between runs).
+        row = {"concurrency": concurrency, "seconds": seconds, "cpu_seconds": cpu_seconds,
+               "pipeline_seconds_in_backend": in_backend, "generated_tokens": generated,
+               "server_completion_tokens": server_tokens}
         for side, samples in seconds.items():
             median = statistics.median(samples)
             row[f"{side}_pairs_per_s"] = len(described) / median
             row[f"{side}_tokens_per_s"] = generated / median
+            row[f"{side}_cpu_ms_per_pair"] = statistics.median(cpu_seconds[side]) / len(
+                described) * 1e3
         row["ratio"] = row["pipeline_pairs_per_s"] / row["bare_pairs_per_s"]
+        # Each repeat's bare/pipeline time ratio: the two ran back to back, under the same
+        # load from whatever else runs on the machine.
+        row["paired_ratio"] = statistics.median(
+            b / p for p, b in zip(seconds["pipeline"], seconds["bare"]))
+        # The driver's own time: building the requests, parsing and validating, the tables.
+        row["driver_s"] = statistics.median(
+            total - inside for total, inside in zip(seconds["pipeline"], in_backend))
         results.append(row)
-        print(f"  concurrency {concurrency}: pipeline {seconds['pipeline']} s, "
-              f"bare {seconds['bare']} s", flush=True)
+        print(f"  concurrency {concurrency}: pipeline {rounded(seconds['pipeline'])} s "
+              f"(in the backend {rounded(in_backend)} s), bare {rounded(seconds['bare'])} s",
+              flush=True)
     return results
+
+
+def rounded(values: list[float]) -> list[float]:
+    return [round(value, 3) for value in values]
 
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'concurrency':>11} {'pipeline pairs/s':>16} {'bare pairs/s':>12} "
-          f"{'pipeline tok/s':>14} {'bare tok/s':>10} {'pipeline/bare':>13}")
+          f"{'pipeline tok/s':>14} {'bare tok/s':>10} {'pipeline/bare':>13} {'paired':>6} "
+          f"{'driver ms':>9} {'pipeline CPU ms/pair':>20} {'bare CPU ms/pair':>16}")
     for row in results:
         print(f"{row['concurrency']:>11} {row['pipeline_pairs_per_s']:>16.2f} "
               f"{row['bare_pairs_per_s']:>12.2f} {row['pipeline_tokens_per_s']:>14.1f} "
-              f"{row['bare_tokens_per_s']:>10.1f} {row['ratio']:>13.3f}")
+              f"{row['bare_tokens_per_s']:>10.1f} {row['ratio']:>13.3f} "
+              f"{row['paired_ratio']:>6.3f} {row['driver_s'] * 1e3:>9.1f} "
+              f"{row['pipeline_cpu_ms_per_pair']:>20.2f} {row['bare_cpu_ms_per_pair']:>16.2f}")
 
 
 def vllm_version() -> str:
