@@ -211,7 +211,9 @@ def paper_config(models: PaperModels, circo_dir: Path) -> dict:
     README exports them)."""
     clip_model, clip_pretrained = models.clip.hub_pair  # the open_clip hub-layout directory
     run_model, run_weights = models.clip.file_pair  # an architecture + a .safetensors file
-    tiny_run = {"start": run_model, "pretrained": run_weights}
+    # max_steps on the runs: the paper profile's runs set theirs (15k / 25k), which a run's
+    # own value overrides, not the training resource's.
+    tiny_run = {"start": run_model, "pretrained": run_weights, "max_steps": 3}
     return {
         "resources": {
             "encoders": {"config": {
@@ -237,8 +239,13 @@ def paper_config(models: PaperModels, circo_dir: Path) -> dict:
                 "device": "cpu", "dtype": "float32", "max_new_tokens": MAX_NEW_TOKENS,
                 "batch_size": 8, "chunk_size": 16,
             }},
-            "training": {"config": {"max_steps": 3, "batch_size": 4, "warmup_steps": 1,
-                                    "learning_rate": 5.0e-6}},
+            # Two training processes through torchrun and Pipes (gloo on the CPU), the global
+            # batch of 4 as before; resumable state through the S3 store. The tiny EVA CLIP has
+            # no transformers CLIPModel layout, so no export.
+            "training": {"config": {"max_steps": 3, "batch_size": 2, "warmup_steps": 1,
+                                    "learning_rate": 5.0e-6, "nproc_per_node": 2,
+                                    "grad_accum_steps": 1, "checkpoint_every": 2,
+                                    "num_workers": 0, "export_transformers": False}},
             "benchmark_data": {"config": {
                 "circo_annotations": str(circo_dir / "annotations" / "val.json"),
                 "circo_images": str(circo_dir / "images"),

@@ -50,6 +50,9 @@ GENERATED_OR_EXTERNAL = {
     "img_raw/",
     # the user's own one-off run config for `dagster asset materialize -c`
     "run_config.yaml",
+    # files of a transformers CLIPModel checkpoint (released weights, or an export of ours)
+    "config.json",
+    "transformers/",
 }
 
 # Backticked words with a slash that are not file paths at all.

@@ -160,9 +160,10 @@ def test_caption_term_is_clip_loss_by_its_definition():
         {"images": images, "captions": captions}, temperature=temperature, caption_loss_weight=1
     )
     torch.testing.assert_close(caption_only, expected)
-    # Beside triplets, the caption's image is the query image: the hard negatives' first.
+    # Beside triplets, the caption's image is the query image (also the first hard negative).
     negatives = torch.stack([images, positives.roll(1, dims=0)], dim=1)
-    triplets = {"queries": queries, "positives": positives, "negatives": negatives}
+    triplets = {"queries": queries, "positives": positives, "negatives": negatives,
+                "query_images": images}
     with_captions = training_loss(
         {**triplets, "captions": captions}, temperature=temperature, caption_loss_weight=0.5
     )

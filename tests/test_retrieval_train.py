@@ -3,6 +3,7 @@
 import io
 import itertools
 import json
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pandas as pd
@@ -13,6 +14,7 @@ from synthetic_shapes import COLOURS, SHAPES, shape_image
 from test_retrieval_model import tiny_model
 
 from megapairs_dagster.retrieval import (
+    HARD_NEGATIVE_MODES,
     CaptionSet,
     ImagePixels,
     MMRetTrainingSet,
@@ -20,6 +22,7 @@ from megapairs_dagster.retrieval import (
     StepProgress,
     TrainConfig,
     train_mmret,
+    triplets_from_views,
 )
 from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.triplet_store import TRIPLETS_SCHEMA, TripletStore
@@ -346,3 +349,34 @@ def test_caption_set_rejects_empty_captions():
     with pytest.raises(ValueError, match="empty caption"):
         CaptionSet({0: "a circle", 1: "  "}, shape_images().__getitem__,
                    preprocess=model.preprocess, tokenizer=model.tokenizer)
+
+
+def test_hard_negative_modes_change_the_candidates_of_each_query():
+    """Paper Table 4's switches: query + mined, the query image only, or none at all."""
+    from megapairs_dagster.retrieval.train import _embed
+
+    model = tiny_model()
+    losses, shapes = {}, {}
+    for mode, (query_as_negative, per_item) in HARD_NEGATIVE_MODES.items():
+        dataset = shapes_dataset(model, hard_negatives=per_item)
+        batch = {key: torch.stack([dataset[i][key] for i in range(4)]) for key in dataset[0]}
+        with torch.no_grad():
+            embedded = _embed(model, batch, nullcontext(), query_as_negative)
+        shapes[mode] = tuple(embedded["negatives"].shape[:2])
+        if query_as_negative:  # the query image comes first
+            torch.testing.assert_close(embedded["negatives"][:, 0], embedded["query_images"])
+        config = TrainConfig(max_steps=2, batch_size=4, learning_rate=1e-4,
+                             query_as_negative=query_as_negative)
+        losses[mode] = train_mmret(tiny_model(), dataset, config).losses
+    assert shapes == {"query_and_mined": (4, 4), "query": (4, 1), "none": (4, 0)}
+    # Fewer candidates, lower loss at the same weights (the first step's).
+    assert losses["none"][0] < losses["query"][0] < losses["query_and_mined"][0]
+
+
+def test_triplets_can_be_restricted_to_the_pairs_of_some_views():
+    frame = pd.DataFrame({"query_id": [1, 2, 3, 4],
+                          "views": [["dino_image"], ["clip_image", "clip_caption"],
+                                    ["clip_caption"], None]})
+    assert list(triplets_from_views(frame, ["dino_image"])["query_id"]) == [1]
+    assert list(triplets_from_views(frame, ["clip_caption", "dino_image"])["query_id"]) == [1, 2, 3]
+    assert triplets_from_views(frame, None) is frame

@@ -30,9 +30,15 @@ from megapairs_dagster.jobs.pipeline import (
     pipeline_stages,
     stages_upstream_of,
 )
-from megapairs_dagster.resources.profiles import DEMO_RUNS
+from megapairs_dagster.resources.profiles import (
+    DEMO_RUNS,
+    DeploymentConfigError,
+    TrainingRun,
+    load_deployment,
+)
 from megapairs_dagster.resources.settings import Training
 from megapairs_dagster.synthesis.encoders import CLIP_WEIGHTS_FILE
+from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 pytestmark = pytest.mark.integration
 
@@ -173,3 +179,37 @@ def test_two_processes_through_pipes_train_like_one_and_a_killed_worker_resumes(
     assert resumed[0]["report"]["resumed_from"].endswith("training_state.pt")
     _assert_same_training(resumed, launched_trained)
     assert not _saved_states(client)  # deleted once the model is saved
+
+
+def test_a_run_can_train_on_one_views_pairs_without_hard_negatives(mined):
+    """The paper's ablations as training runs: Table 5 (which views' pairs) and Table 4 (hard
+    negatives), set per run beside the training resource's defaults."""
+    resources, instance = mined
+    runs = {"ablation": TrainingRun(views=("clip_caption",), hard_negatives="none", max_steps=3)}
+    assets = [a for a in defs.assets
+              if not {AssetKey("mmret_clip"), AssetKey("benchmark_scores")} & set(a.keys)]
+    training = Training(batch_size=4, warmup_steps=0, caption_loss_weight=0.0)
+    result = materialize([*assets, build_training_asset(runs)], selection=["mmret_clip"],
+                         partition_key="ablation", instance=instance,
+                         resources={**resources, "training": training})
+    assert result.success
+    client = resources["store"].client()
+    record = load_artifact(client, artifact_relpath(["mmret_clip"], "ablation"))
+    everything = TripletStore(client).triplets_frame()
+    caption_pairs = [views for views in everything["views"] if "clip_caption" in views]
+    assert 0 < record["data"]["triplets"] == len(caption_pairs) < len(everything)
+    assert record["data"]["views"] == ["clip_caption"]
+    assert record["hard_negatives"] == "none"
+    assert record["training"]["query_as_negative"] is False
+    assert record["report"]["steps"] == 3  # the run's max_steps, not the resource's
+
+
+def test_a_misspelt_ablation_is_refused_naming_the_run(tmp_path, monkeypatch):
+    config = tmp_path / "config.yaml"
+    config.write_text("training_runs:\n  base: {views: [dino]}\n")
+    monkeypatch.setenv("MEGAPAIRS_CONFIG", str(config))
+    with pytest.raises(DeploymentConfigError, match=r"training_runs.base: views must be"):
+        load_deployment("paper")
+    config.write_text("training_runs:\n  base: {hard_negatives: some}\n")
+    with pytest.raises(DeploymentConfigError, match=r"hard_negatives must be one of"):
+        load_deployment("paper")

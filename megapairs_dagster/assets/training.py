@@ -44,7 +44,12 @@ from megapairs_dagster.assets.training_run import (
 from megapairs_dagster.resources.profiles import BASE_ENCODER, TrainingRun
 from megapairs_dagster.resources.settings import Compute, Training, domain_config
 from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.retrieval import DEFAULT_HARD_NEGATIVES, MMRetCLIP, TrainConfig
+from megapairs_dagster.retrieval import (
+    DEFAULT_HARD_NEGATIVES,
+    HARD_NEGATIVE_MODES,
+    MMRetCLIP,
+    TrainConfig,
+)
 
 # A triplet sample encodes its query, its target and the other hard negatives (the query is
 # the first): the caption-only control takes that many (image, caption) samples per sample.
@@ -126,8 +131,12 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
                 f"training.nproc_per_node is {training.nproc_per_node} but the code location "
                 f"was built for {gpus} (the step's GPU request): reload it with the new setting"
             )
-        train_config = domain_config(TrainConfig, training, seed=training.seed + run.seed_offset,
-                                     device=compute.device)
+        hard_negatives = run.hard_negatives or training.hard_negatives
+        query_as_negative, negatives_per_item = HARD_NEGATIVE_MODES[hard_negatives]
+        train_config = domain_config(
+            TrainConfig, training, seed=training.seed + run.seed_offset, device=compute.device,
+            max_steps=run.max_steps or training.max_steps, query_as_negative=query_as_negative,
+        )
         if run.data == "captions":
             train_config.batch_size *= IMAGES_PER_TRIPLET
             train_config.caption_loss_weight = 1.0
@@ -139,6 +148,9 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
                 image_index=str(index_path), config=asdict(train_config),
                 cache_images=training.cache_images,
                 checkpoint=f"mmret_clip/{name}/{context.run_id[:8]}",
+                hard_negatives=negatives_per_item,
+                views=list(run.views) if run.views else training.views,
+                export_transformers=training.export_transformers,
             )
             if training.nproc_per_node == 1:
                 result = run_training(job, log=context.log.info)
@@ -146,7 +158,7 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
                 result = _launched(context, job, training.nproc_per_node, Path(workdir))
         losses = result["losses"]
         report = result["report"]
-        record.update(result)
+        record.update(result, hard_negatives=hard_negatives)
         client = store.client()
         return Output(
             record,

@@ -31,11 +31,14 @@ import pandas as pd
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.retrieval import (
+    DEFAULT_HARD_NEGATIVES,
     CaptionSet,
     MMRetCLIP,
     MMRetTrainingSet,
     TrainConfig,
+    hf_clip,
     train_mmret,
+    triplets_from_views,
 )
 from megapairs_dagster.retrieval.train import STATE_FILE
 from megapairs_dagster.synthesis.encoders import RecordedFiles
@@ -70,11 +73,15 @@ class TrainingJob:
     config: dict  # TrainConfig's fields
     cache_images: int
     checkpoint: str  # where the trained model goes in the store
+    hard_negatives: int = DEFAULT_HARD_NEGATIVES  # per item, counting the query image
+    views: list[str] | None = None  # train on the pairs these views mined; None: all
+    export_transformers: bool = False  # also save the transformers CLIPModel layout
 
     def state_key(self) -> str:
         """Where the resumable state lives: a new start, config or data starts afresh."""
         fixed = {"run": self.run, "data": self.data, "source": self.source,
-                 "config": {k: v for k, v in self.config.items() if k != "num_workers"}}
+                 "config": {k: v for k, v in self.config.items() if k != "num_workers"},
+                 "hard_negatives": self.hard_negatives, "views": self.views}
         digest = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
         return f"mmret_clip/{self.run}/state/{digest}/{STATE_FILE}"
 
@@ -91,20 +98,24 @@ def _training_set(job: TrainingJob, store: ArtifactStore, index: pd.DataFrame,
                   model: MMRetCLIP, caption_loss_weight: float, seed: int):
     """The triplets and their images, with a record of what they are."""
     database = triplet_store(store)
-    frame = database.triplets_frame()
+    frame = triplets_from_views(database.triplets_frame(), job.views)
     if frame.empty:
-        raise RuntimeError("no triplets in the store: materialise `triplets` for some shards first")
+        raise RuntimeError(
+            "no triplets in the store" + (f" mined by {job.views}" if job.views else "")
+            + ": materialise `triplets` for some shards first"
+        )
     ids = set(frame["query_id"]) | set(frame["target_id"])
     ids |= {i for negatives in frame["hard_negative_ids"] for i in negatives}
     rows = read_images(store.client(), index, ids, ["jpeg", "caption"])
     jpegs, captions = rows["jpeg"].to_dict(), rows["caption"].to_dict()
     dataset = MMRetTrainingSet.from_triplet_store(
-        database, jpegs.__getitem__, preprocess=model.preprocess, tokenizer=model.tokenize,
-        captions=captions if caption_loss_weight else None, seed=seed,
-        cache_images=job.cache_images,
+        database, jpegs.__getitem__, views=job.views, preprocess=model.preprocess,
+        tokenizer=model.tokenize, captions=captions if caption_loss_weight else None, seed=seed,
+        cache_images=job.cache_images, hard_negatives=job.hard_negatives,
     )
     return dataset, {
         "triplets": len(frame),
+        "views": job.views or "all",
         "shards": sorted(set(frame["shard"])),
         "generation_config_hashes": sorted(set(frame["config_hash"])),
     }
@@ -127,6 +138,8 @@ def run_training(job: TrainingJob, log: Callable[[str], None]) -> dict | None:
     store = ArtifactStore(**job.store)
     client = store.client()
     model = open_model(job.source, store)
+    if job.export_transformers:  # refused now, not after the training
+        hf_clip.clip_config(model.model_cfg)
     index = pd.read_parquet(job.image_index)
     config = TrainConfig(**job.config)
     if job.data == "captions":
@@ -158,11 +171,16 @@ def run_training(job: TrainingJob, log: Callable[[str], None]) -> dict | None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         client.upload_dir(model.save_pretrained(Path(tmp) / "model"), job.checkpoint)
+        if job.export_transformers:
+            exported = model.save_pretrained(Path(tmp) / "transformers", layout="transformers")
+            client.upload_dir(exported, f"{job.checkpoint}/transformers")
     if client.exists(state_key):  # the model is saved: nothing left to resume
         client.fs.rm(client.path(state_key).path)
     config.checkpoint_dir = None
     return {
         "checkpoint": job.checkpoint,
+        "transformers_checkpoint": f"{job.checkpoint}/transformers" if job.export_transformers
+        else None,
         "training": asdict(config),
         "data": data,
         "report": {

@@ -282,3 +282,16 @@ class Training(ConfigurableResource):
         0, description="Optimizer steps between resumable states saved to the artifact store "
         "(0: none; a failed run then starts over).",
     )
+    hard_negatives: Literal["query_and_mined", "query", "none"] = Field(
+        default="query_and_mined", description="Hard negatives per query (paper Table 4): the "
+        "query image then 3 mined ones (1 positive + 4 hard negatives), the query image only, "
+        "or none. A training run's own hard_negatives overrides it.",
+    )
+    views: list[str] | None = Field(
+        default=None, description="Train on the pairs these views mined (paper Table 5: "
+        "dino_image, clip_image, clip_caption); None: all. A run's own views overrides it.",
+    )
+    export_transformers: bool = unversioned(
+        False, description="Also save each trained model in the transformers CLIPModel layout "
+        "(as the released MMRet weights are), below the checkpoint's transformers/ folder.",
+    )

@@ -1,12 +1,21 @@
 """Framework-free MMRet retrievers: models, losses, trainer, inference API (no dagster import)."""
 
-from .data import DEFAULT_HARD_NEGATIVES, CaptionSet, ImagePixels, MMRetTrainingSet, PairExample
+from .data import (
+    DEFAULT_HARD_NEGATIVES,
+    HARD_NEGATIVE_MODES,
+    CaptionSet,
+    ImagePixels,
+    MMRetTrainingSet,
+    PairExample,
+    triplets_from_views,
+)
 from .loss import composed_infonce, training_loss
 from .model import LAYOUTS, VARIANTS, MMRetCLIP
 from .train import StepProgress, TrainConfig, TrainReport, train_mmret
 
 __all__ = [
     "DEFAULT_HARD_NEGATIVES",
+    "HARD_NEGATIVE_MODES",
     "LAYOUTS",
     "VARIANTS",
     "CaptionSet",
@@ -20,4 +29,5 @@ __all__ = [
     "composed_infonce",
     "train_mmret",
     "training_loss",
+    "triplets_from_views",
 ]

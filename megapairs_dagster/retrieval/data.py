@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass
 
 import fsspec
@@ -31,6 +31,23 @@ from megapairs_dagster.synthesis.megapairs_format import read_megapairs
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 DEFAULT_HARD_NEGATIVES = 4
+# The paper's Table 4 ablation, by name: whether the query image is a hard negative, and how
+# many hard negatives an item holds counting it (the dataset loads hard_negatives - 1 mined
+# ones; "none" loads none and the trainer leaves the query image out).
+HARD_NEGATIVE_MODES: dict[str, tuple[bool, int]] = {
+    "query_and_mined": (True, DEFAULT_HARD_NEGATIVES),
+    "query": (True, 1),
+    "none": (False, 1),
+}
+
+
+def triplets_from_views(frame, views: Collection[str] | None):
+    """The triplets mined by at least one of ``views`` (all of them when None): the paper's
+    Table 5 ablation trains on one view's pairs, or a combination's."""
+    if views is None:
+        return frame
+    wanted = set(views)
+    return frame[[bool(wanted & set(found or ())) for found in frame["views"]]].reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -178,10 +195,12 @@ class MMRetTrainingSet(torch.utils.data.Dataset):
 
     @classmethod
     def from_triplet_store(
-        cls, store: TripletStore, image_bytes: Callable[[int], bytes], **options
+        cls, store: TripletStore, image_bytes: Callable[[int], bytes], *,
+        views: Collection[str] | None = None, **options,
     ) -> MMRetTrainingSet:
-        """All triplets of the store; ``captions`` (if given) maps image_id -> caption."""
-        frame = store.triplets_frame()
+        """The store's triplets mined by ``views`` (all when None); ``captions`` (if given)
+        maps image_id -> caption."""
+        frame = triplets_from_views(store.triplets_frame(), views)
         examples = [
             PairExample(
                 query=int(query),

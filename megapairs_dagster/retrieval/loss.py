@@ -50,7 +50,7 @@ def training_loss(
     embeddings: dict[str, torch.Tensor], *, temperature: float, caption_loss_weight: float
 ) -> torch.Tensor:
     """The trainer's objective for this process's normalised embeddings: composed InfoNCE
-    (``queries``, ``positives``, ``negatives`` with the query image first) plus
+    (``queries``, ``positives``, ``negatives``) plus
     ``caption_loss_weight`` x CLIP's loss of images against ``captions``; a caption-only
     batch (``images``, ``captions``) has only the caption term.
 
@@ -72,12 +72,11 @@ def training_loss(
             temperature=temperature, query_offset=rank * len(queries),
         )
     if caption_loss_weight:
-        images = embeddings["negatives"][:, 0] if "queries" in embeddings else embeddings["images"]
+        images = embeddings["query_images"] if "queries" in embeddings else embeddings["images"]
         clip_loss = ClipLoss(
             local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size
         )
-        # contiguous: the query-image column is a strided view, and all-gather needs dense rows
         loss = loss + caption_loss_weight * clip_loss(
-            images.contiguous(), embeddings["captions"], 1 / temperature
+            images, embeddings["captions"], 1 / temperature
         )
     return loss

@@ -57,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     temperature: float = DEFAULT_TEMPERATURE
     caption_loss_weight: float = 0.0  # 0 = the paper's recipe (triplets only)
+    query_as_negative: bool = True  # the query image is every query's first hard negative
     max_grad_norm: float | None = None
     num_workers: int = 0
     seed: int = 0
@@ -137,11 +138,12 @@ def _setup_distributed(device_name: str) -> tuple[torch.device, bool]:
 
 
 def _embed(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast,
+    query_as_negative: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Normalised embeddings of a batch: composed queries, positives, hard negatives
-    (query image first) and, when present, captions; a caption-only batch gives images
-    and captions."""
+    (query image first, unless ``query_as_negative`` is off), query images and, when
+    present, captions; a caption-only batch gives images and captions."""
     if "query" not in batch:
         with autocast:
             image_features, text_features = model(batch["image"], batch["caption"])
@@ -161,16 +163,14 @@ def _embed(
         [size, size, size * others]
     )
     text_features = text_features.float()
+    query_images = F.normalize(query_image, dim=-1)
+    mined = F.normalize(negative, dim=-1).view(size, others, query_image.shape[-1])
     embeddings = {
         "queries": MMRetCLIP.fuse(query_image, text_features[:size]),
         "positives": F.normalize(positive, dim=-1),
-        "negatives": torch.cat(
-            [
-                F.normalize(query_image, dim=-1)[:, None],
-                F.normalize(negative, dim=-1).view(size, others, -1),
-            ],
-            dim=1,
-        ),
+        "negatives": torch.cat([query_images[:, None], mined], dim=1) if query_as_negative
+        else mined,
+        "query_images": query_images,
     }
     if "caption" in batch:
         embeddings["captions"] = F.normalize(text_features[size:], dim=-1)
@@ -189,7 +189,7 @@ def _backward_step(
 ) -> torch.Tensor:
     """Accumulate the gradient of one optimizer step; returns this process's loss."""
     if config.grad_accum_steps == 1:
-        loss = _loss(_embed(model, batch, autocast), config)
+        loss = _loss(_embed(model, batch, autocast, config.query_as_negative), config)
         loss.backward()
         return loss.detach()
     micro_batches = [
@@ -197,7 +197,8 @@ def _backward_step(
         for i in range(config.grad_accum_steps)
     ]
     with torch.no_grad():
-        cached = [_embed(model, micro, autocast) for micro in micro_batches]
+        cached = [_embed(model, micro, autocast, config.query_as_negative)
+                  for micro in micro_batches]
     full = {
         key: torch.cat([part[key] for part in cached]).requires_grad_()
         for key in cached[0]
@@ -211,9 +212,10 @@ def _backward_step(
         )
         rows = slice(i * config.batch_size, (i + 1) * config.batch_size)
         with sync:
-            embeddings = _embed(model, micro, autocast)
-            surrogate = sum(
-                (embeddings[key] * full[key].grad[rows]).sum() for key in embeddings
+            embeddings = _embed(model, micro, autocast, config.query_as_negative)
+            surrogate = sum(  # an embedding the loss did not use has no gradient
+                (embeddings[key] * full[key].grad[rows]).sum()
+                for key in embeddings if full[key].grad is not None
             )
             surrogate.backward()
     return loss.detach()
