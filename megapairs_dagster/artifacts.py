@@ -105,7 +105,10 @@ def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
 
 def read_table(source, columns: list[str] | None = None) -> pd.DataFrame:
     """A table written by ``write_table`` (bytes or an open file), optionally some columns."""
-    table = pq.read_table(io.BytesIO(source) if isinstance(source, bytes) else source,
+    # Bytes through pyarrow's own buffer, not io.BytesIO: read on pyarrow's threads, a Python
+    # file object made one process in two abort at exit ("terminate called without an active
+    # exception"; tests/test_docs.py's notebook snippet, 3 of 16 runs).
+    table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source,
                           columns=columns)
     frame = table.to_pandas()
     produced_by = (table.schema.metadata or {}).get(b"megapairs.produced_by")

@@ -131,7 +131,9 @@ def test_a_deployment_config_file_reaches_resources_and_runs(tmp_path, monkeypat
     assert resources["encoders"].clip_model == "EVA02-B-16"  # the profile's, not overridden
     assert resources["compute"].batch_size == 7
     assert resources["generation"].instruction_model == EnvVar("MY_LLM")
-    assert deployment.training_runs["base"] == TrainingRun("ViT-B-16", "/models/vit-b-16.pt")
+    # The file's weights, the profile's recipe (15k steps for the base size).
+    assert deployment.training_runs["base"] == TrainingRun("ViT-B-16", "/models/vit-b-16.pt",
+                                                           max_steps=15_000)
     assert deployment.training_runs["base_long"].seed_offset == 3
     assert _training_runs(build_definitions(deployment))[-1] == "base_long"
 
