@@ -21,7 +21,12 @@ from megapairs_dagster.synthesis.generation.backends import BackendSettings, mak
 def engine_processes() -> list[str]:
     """vLLM's engine core and workers among this process's children (they name themselves
     VLLM::...; Python's own resource tracker lives on until the interpreter exits)."""
-    names = [" ".join(child.cmdline()).strip() for child in psutil.Process().children(recursive=True)]
+    names = []
+    for child in psutil.Process().children(recursive=True):
+        try:  # an exited child not yet reaped is a zombie: dead, so not a live engine
+            names.append(" ".join(child.cmdline()).strip())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
     return [name for name in names if name.startswith("VLLM::")]
 
 
