@@ -41,6 +41,11 @@ def export_rows() -> pd.DataFrame:
     )
 
 
+def fake_jpegs(ids: list[int]):
+    """The export's image source, as the asset's: (id, bytes), here in reverse order."""
+    return ((image_id, fake_jpeg(image_id)) for image_id in reversed(ids))
+
+
 def expected_records() -> list[MegaPairsRecord]:
     return [
         MegaPairsRecord(
@@ -66,7 +71,7 @@ def expected_records() -> list[MegaPairsRecord]:
 
 def test_export_round_trips_through_jsonl_and_parquet(tmp_path):
     out_dir = tmp_path / "export"
-    summary = write_megapairs(export_rows(), str(out_dir), image_bytes=fake_jpeg)
+    summary = write_megapairs(export_rows(), str(out_dir), images=fake_jpegs)
 
     image_ids = [10, 11, 20, 21, 22, 30, 31]
     assert summary["records"] == 3 and summary["images"] == len(image_ids)
@@ -88,23 +93,33 @@ def test_export_round_trips_through_jsonl_and_parquet(tmp_path):
     assert list(first_line) == ["q_img", "q_text", "t_img", "hns"]
 
 
+def test_export_names_images_its_source_did_not_supply(tmp_path):
+    rows = export_rows()
+    with pytest.raises(MegaPairsFormatError, match=r"2 referenced images were not supplied, e.g. \[30, 31\]"):
+        write_megapairs(rows, str(tmp_path / "export"),
+                        images=lambda ids: fake_jpegs([i for i in ids if i < 30]))
+    with pytest.raises(MegaPairsFormatError, match=r"images \[99\] were not asked for"):
+        write_megapairs(rows, str(tmp_path / "export"), images=lambda ids: fake_jpegs([*ids, 99]))
+    assert not (tmp_path / "export" / "megapairs.jsonl").exists()  # no record file names them
+
+
 def test_export_requires_the_query_first_among_hard_negatives(tmp_path):
     rows = export_rows()
     rows.at[1, "hard_negative_ids"] = [30, 11]
     with pytest.raises(MegaPairsFormatError, match=r"row 1 \(query 11, target 21\).*images/11.jpg"):
-        write_megapairs(rows, str(tmp_path / "export"), image_bytes=fake_jpeg)
+        write_megapairs(rows, str(tmp_path / "export"), images=fake_jpegs)
     assert not (tmp_path / "export").exists()
 
 
 def test_export_rejects_missing_columns_and_empty_instructions(tmp_path):
     with pytest.raises(MegaPairsFormatError, match=r"\['instructions'\]"):
         write_megapairs(
-            export_rows().drop(columns=["instructions"]), str(tmp_path), image_bytes=fake_jpeg
+            export_rows().drop(columns=["instructions"]), str(tmp_path), images=fake_jpegs
         )
     rows = export_rows()
     rows.at[2, "instructions"] = []
     with pytest.raises(MegaPairsFormatError, match="row 2 .*q_text is empty"):
-        write_megapairs(rows, str(tmp_path), image_bytes=fake_jpeg)
+        write_megapairs(rows, str(tmp_path), images=fake_jpegs)
 
 
 def test_reads_the_official_parquet_layout(tmp_path):
@@ -185,7 +200,7 @@ def test_export_round_trips_through_s3():
         summary = write_megapairs(
             export_rows(),
             "s3://bucket/exports/v1",
-            image_bytes=fake_jpeg,
+            images=fake_jpegs,
             storage_options=storage_options,
         )
         assert summary["parquet_url"] == "s3://bucket/exports/v1/megapairs.parquet"

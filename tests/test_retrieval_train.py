@@ -16,6 +16,7 @@ from test_retrieval_model import tiny_model
 from megapairs_dagster.retrieval import (
     HARD_NEGATIVE_MODES,
     CaptionSet,
+    ExportedImages,
     ImagePixels,
     MMRetTrainingSet,
     PairExample,
@@ -25,6 +26,7 @@ from megapairs_dagster.retrieval import (
     triplets_from_views,
 )
 from megapairs_dagster.storage import ArtifactStoreClient
+from megapairs_dagster.synthesis.megapairs_format import EXPORT_COLUMNS, write_megapairs
 from megapairs_dagster.synthesis.triplet_store import TRIPLETS_SCHEMA, TripletStore
 
 SHAPE_COLOURS = [c for c in sorted(COLOURS) if c != "white"]
@@ -130,8 +132,13 @@ def test_dataset_reads_the_triplet_store(tmp_path):
     store.replace_shard("s0", rows, image_rows)
     captions = {image_id: f"caption {image_id}" for image_id in images}
 
-    dataset = MMRetTrainingSet.from_triplet_store(
-        store, lambda image_id: png_bytes(images[image_id]),
+    frame = store.triplets_frame(columns=list(EXPORT_COLUMNS))
+    # the images come one file each from an export, as the training asset reads them
+    write_megapairs(frame, str(tmp_path / "export"),
+                    images=lambda ids: ((i, png_bytes(images[i])) for i in ids))
+    exported = ExportedImages(str(tmp_path / "export"))
+    dataset = MMRetTrainingSet.from_triplets(
+        frame, exported,
         preprocess=model.preprocess, tokenizer=model.tokenizer, captions=captions,
     )
     assert len(dataset) == 6
@@ -144,6 +151,8 @@ def test_dataset_reads_the_triplet_store(tmp_path):
     expected = model.preprocess(images[dataset.examples[0].target].convert("RGB"))
     torch.testing.assert_close(item["positive"], expected)
     torch.testing.assert_close(item["caption"], model.tokenizer([f"caption {dataset.examples[0].query}"])[0])
+    with pytest.raises(FileNotFoundError, match="image 999 is not in the export.*megapairs_export"):
+        exported(999)
 
 
 def test_dataset_reads_megapairs_jsonl(tmp_path):

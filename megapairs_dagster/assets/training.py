@@ -99,7 +99,10 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
         partitions_def=training_partitions(runs),
         group_name="training",
         ins={"base_encoders": AssetIn(), "image_index": AssetIn()},
-        deps=[AssetDep("triplets", partition_mapping=AllPartitionMapping())],
+        # the triplets' rows, and their images one file each in the export (read as the
+        # DataLoader workers need them, so memory does not grow with the data)
+        deps=[AssetDep("triplets", partition_mapping=AllPartitionMapping()),
+              AssetDep("megapairs_export")],
         code_version="2",
         metadata=versioned_by("training"),
         # no automation condition: a training run costs GPU-days and is launched deliberately

@@ -27,12 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.resources.store import ArtifactStore
 from megapairs_dagster.retrieval import (
     DEFAULT_HARD_NEGATIVES,
     CaptionSet,
+    ExportedImages,
     MMRetCLIP,
     MMRetTrainingSet,
     TrainConfig,
@@ -43,8 +45,11 @@ from megapairs_dagster.retrieval import (
 from megapairs_dagster.retrieval.train import STATE_FILE
 from megapairs_dagster.synthesis.encoders import RecordedFiles
 from megapairs_dagster.synthesis.image_index import read_images
+from megapairs_dagster.synthesis.megapairs_format import EXPORT_COLUMNS, PARQUET_NAME
 
 STDERR_TAIL_LINES = 60  # of torchrun's output, quoted when a worker fails
+EXPORT = "megapairs_export"  # where the images training reads lie, one file each
+TRAINING_COLUMNS = [*EXPORT_COLUMNS, "views", "shard", "config_hash"]
 
 
 def open_model(source: dict, store: ArtifactStore) -> MMRetCLIP:
@@ -96,21 +101,29 @@ class TrainingJob:
 
 def _training_set(job: TrainingJob, store: ArtifactStore, index: pd.DataFrame,
                   model: MMRetCLIP, caption_loss_weight: float, seed: int):
-    """The triplets and their images, with a record of what they are."""
-    database = triplet_store(store)
-    frame = triplets_from_views(database.triplets_frame(), job.views)
+    """The triplets (only the columns training reads) and a loader of their images from
+    ``megapairs_export``, with a record of what they are."""
+    client = store.client()
+    frame = triplet_store(store).triplets_frame(columns=TRAINING_COLUMNS)
+    exported = _exported_records(client)
+    if exported != len(frame):
+        raise RuntimeError(
+            f"megapairs_export holds {exported} triplets, the triplet store {len(frame)}: "
+            "materialise megapairs_export after triplets, then train"
+        )
+    frame = triplets_from_views(frame, job.views)
     if frame.empty:
         raise RuntimeError(
             "no triplets in the store" + (f" mined by {job.views}" if job.views else "")
             + ": materialise `triplets` for some shards first"
         )
-    ids = set(frame["query_id"]) | set(frame["target_id"])
-    ids |= {i for negatives in frame["hard_negative_ids"] for i in negatives}
-    rows = read_images(store.client(), index, ids, ["jpeg", "caption"])
-    jpegs, captions = rows["jpeg"].to_dict(), rows["caption"].to_dict()
-    dataset = MMRetTrainingSet.from_triplet_store(
-        database, jpegs.__getitem__, views=job.views, preprocess=model.preprocess,
-        tokenizer=model.tokenize, captions=captions if caption_loss_weight else None, seed=seed,
+    captions = None
+    if caption_loss_weight:  # the caption column alone: no image is read here
+        captions = read_images(client, index, set(frame["query_id"]), ["caption"])["caption"]
+    dataset = MMRetTrainingSet.from_triplets(
+        frame, ExportedImages(client.url(EXPORT), client.storage_options),
+        preprocess=model.preprocess, tokenizer=model.tokenize,
+        captions=None if captions is None else captions.to_dict(), seed=seed,
         cache_images=job.cache_images, hard_negatives=job.hard_negatives,
     )
     return dataset, {
@@ -119,6 +132,15 @@ def _training_set(job: TrainingJob, store: ArtifactStore, index: pd.DataFrame,
         "shards": sorted(set(frame["shard"])),
         "generation_config_hashes": sorted(set(frame["config_hash"])),
     }
+
+
+def _exported_records(client) -> int:
+    """How many triplets the export's parquet holds (its footer; 0 when never exported)."""
+    path = f"{EXPORT}/{PARQUET_NAME}"
+    if not client.exists(path):
+        return 0
+    with client.path(path).open("rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
 
 
 def _caption_set(job: TrainingJob, store: ArtifactStore, index: pd.DataFrame, model: MMRetCLIP):

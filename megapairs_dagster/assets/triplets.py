@@ -18,8 +18,8 @@ from megapairs_dagster.assets.conditions import per_shard, rebuild_after_updates
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
 from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.synthesis.image_index import read_images
-from megapairs_dagster.synthesis.megapairs_format import write_megapairs
+from megapairs_dagster.synthesis.image_index import iter_images
+from megapairs_dagster.synthesis.megapairs_format import EXPORT_COLUMNS, write_megapairs
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 
@@ -122,15 +122,15 @@ def triplets(
     "the query first) as jsonl and parquet, with every image they reference.",
 )
 def megapairs_export(store: ArtifactStore, image_index: pd.DataFrame):
-    frame = triplet_store(store).triplets_frame()
-    ids = set(frame["query_id"]) | set(frame["target_id"])
-    ids |= {i for negatives in frame["hard_negative_ids"] for i in negatives}
-    jpegs = read_images(store.client(), image_index, ids, ["jpeg"])["jpeg"] if ids else {}
+    frame = triplet_store(store).triplets_frame(columns=[*EXPORT_COLUMNS, "shard"])
     client = store.client()
+
+    def images(ids: list[int]):  # a row group at a time, not every image at once
+        for chunk in iter_images(client, image_index, ids, ["jpeg"]):
+            yield from chunk["jpeg"].items()
+
     counts = write_megapairs(
-        frame,
-        client.url("megapairs_export"),
-        image_bytes=lambda image_id: jpegs[image_id],
+        frame, client.url("megapairs_export"), images=images,
         storage_options=client.storage_options,
     )
     yield MaterializeResult(

@@ -1,9 +1,9 @@
 """Training examples for MMRet: (query image, one instruction, target, hard negatives), and
 (image, caption) examples for the caption-only control.
 
-Two sources of triplets: the ``triplets`` table (through ``TripletStore``, images
-fetched by a caller-given ``image_bytes(image_id)``), or a file in the released MegaPairs
-format.
+Two sources of triplets: rows of the ``triplets`` table (images opened by a caller-given
+loader, e.g. ``ExportedImages`` over the pipeline's own export), or a file in the released
+MegaPairs format.
 
 Per item and step, as the MegaPairs dataset card says, ONE instruction is drawn at random
 from the pair's list. Hard negatives: the query image is always the first (the released
@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megapairs_dagster.synthesis.megapairs_format import read_megapairs
-from megapairs_dagster.synthesis.triplet_store import TripletStore
+from megapairs_dagster.synthesis.megapairs_format import image_relpath, read_megapairs
 
 DEFAULT_HARD_NEGATIVES = 4
 # The paper's Table 4 ablation, by name: whether the query image is a hard negative, and how
@@ -77,6 +76,29 @@ class _UrlLoader:
     def __call__(self, url: str) -> Image.Image:
         with fsspec.open(url, "rb", **self.storage_options) as handle:
             return Image.open(io.BytesIO(handle.read())).convert("RGB")
+
+
+class ExportedImages:
+    """The images of a MegaPairs export (``images/<id>.jpg`` under ``export_url``) by image id.
+
+    Each DataLoader worker opens the images its items need when it needs them, so a
+    training process holds no more of the data than its pixel cache, however large the
+    export grows.
+    """
+
+    def __init__(self, export_url: str, storage_options: dict | None = None):
+        self.export_url = export_url.rstrip("/")
+        self._open = _UrlLoader(storage_options)
+
+    def __call__(self, image_id: int) -> Image.Image:
+        url = f"{self.export_url}/{image_relpath(int(image_id))}"
+        try:
+            return self._open(url)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"image {image_id} is not in the export {self.export_url}: materialise "
+                "megapairs_export after the triplets that reference it"
+            ) from error
 
 
 class ImagePixels:
@@ -194,13 +216,11 @@ class MMRetTrainingSet(torch.utils.data.Dataset):
         self.seed = seed
 
     @classmethod
-    def from_triplet_store(
-        cls, store: TripletStore, image_bytes: Callable[[int], bytes], *,
-        views: Collection[str] | None = None, **options,
+    def from_triplets(
+        cls, frame, load_image: Callable[[int], Image.Image], **options
     ) -> MMRetTrainingSet:
-        """The store's triplets mined by ``views`` (all when None); ``captions`` (if given)
-        maps image_id -> caption."""
-        frame = triplets_from_views(store.triplets_frame(), views)
+        """Rows of the ``triplets`` table (``TripletStore.triplets_frame``); ``captions`` (if
+        given) maps image_id -> caption."""
         examples = [
             PairExample(
                 query=int(query),
@@ -213,7 +233,7 @@ class MMRetTrainingSet(torch.utils.data.Dataset):
                 frame["hard_negative_ids"],
             )
         ]
-        return cls(examples, _ImageBytesLoader(image_bytes), **options)
+        return cls(examples, load_image, **options)
 
     @classmethod
     def from_megapairs(

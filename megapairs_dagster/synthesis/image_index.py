@@ -8,13 +8,14 @@ only the row groups that hold the rows it needs (a ranged read on S3) instead of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megapairs_dagster.artifacts import ROW_GROUP_ROWS
 from megapairs_dagster.storage import ArtifactStoreClient
 
 INDEX_COLUMNS = ["image_id", "shard", "row"]
@@ -85,6 +86,20 @@ def read_images(
     if not frames:
         return pd.DataFrame(columns=["image_id", *columns]).set_index("image_id")
     return pd.concat(frames, ignore_index=True).set_index("image_id")
+
+
+def iter_images(
+    store: ArtifactStoreClient, index: pd.DataFrame, image_ids: Iterable[int],
+    columns: list[str], chunk_rows: int = ROW_GROUP_ROWS,
+) -> Iterator[pd.DataFrame]:
+    """``read_images`` in chunks of at most ``chunk_rows`` images, in storage order (shard,
+    then row), so each chunk reads about one row group and memory holds one chunk."""
+    located = locate(index, image_ids).sort_values(["shard", "row"], kind="stable")
+    for shard, group in located.groupby("shard", sort=True):
+        rows = group["row"].to_numpy()
+        for start in range(0, len(rows), chunk_rows):
+            yield _read_rows(store, shard, rows[start:start + chunk_rows],
+                             ["image_id", *columns]).set_index("image_id")
 
 
 def _read_rows(store: ArtifactStoreClient, shard: str, rows: np.ndarray, columns: list[str]):

@@ -9,10 +9,11 @@ so an export can be moved or uploaded as one folder and still be opened by train
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import numbers
 import posixpath
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,14 +148,16 @@ def write_megapairs(
     records: pd.DataFrame,
     out_dir_url: str,
     *,
-    image_bytes: Callable[[int], bytes],
+    images: Callable[[list[int]], Iterable[tuple[int, bytes]]],
     storage_options: dict[str, Any] | None = None,
 ) -> dict:
     """Export pairs as ``megapairs.jsonl``, ``megapairs.parquet`` and ``images/<id>.jpg``.
 
     ``records`` holds ``query_id, target_id, instructions, hard_negative_ids`` (the query id
-    first among the negatives). Every file is written atomically, images before the record
-    files, so a record file that exists never names a missing image.
+    first among the negatives). ``images(ids)`` yields ``(image_id, jpeg)`` for each id, in
+    whatever order reads them cheapest; they are written as they come, so memory holds one
+    chunk of them. Every file is written atomically, images before the record files, so a
+    record file that exists never names a missing image.
     """
     exported = _export_records(records)
     store = ArtifactStoreClient(out_dir_url, storage_options)
@@ -163,16 +166,27 @@ def write_megapairs(
         .union(records["target_id"])
         .union(*(set(negatives) for negatives in records["hard_negative_ids"]))
     )
-    written_bytes = 0
+    wanted, written, written_bytes = set(image_ids), set(), 0
     # Each local write ends in an fsync and each S3 write is a round trip: overlap them in
-    # threads, fetching the bytes chunk by chunk (in this thread) so memory stays bounded.
+    # threads, a chunk at a time so memory stays bounded.
     with ThreadPoolExecutor(max_workers=IMAGE_WRITE_THREADS) as pool:
-        for start in range(0, len(image_ids), IMAGE_WRITE_CHUNK):
-            chunk = image_ids[start : start + IMAGE_WRITE_CHUNK]
-            contents = [image_bytes(int(image_id)) for image_id in chunk]
-            paths = [image_relpath(image_id) for image_id in chunk]
-            list(pool.map(store.write_bytes, paths, contents))
-            written_bytes += sum(len(data) for data in contents)
+        stream = iter(images(image_ids))
+        while True:
+            chunk = list(itertools.islice(stream, IMAGE_WRITE_CHUNK))
+            if not chunk:
+                break
+            ids = [int(image_id) for image_id, _ in chunk]
+            unexpected = [i for i in ids if i not in wanted or i in written]
+            if unexpected:
+                raise MegaPairsFormatError(
+                    f"images {unexpected[:3]} were not asked for or came twice")
+            list(pool.map(store.write_bytes, map(image_relpath, ids), [j for _, j in chunk]))
+            written.update(ids)
+            written_bytes += sum(len(jpeg) for _, jpeg in chunk)
+    if written != wanted:
+        missing = sorted(wanted - written)
+        raise MegaPairsFormatError(
+            f"{len(missing)} referenced images were not supplied, e.g. {missing[:3]}")
     rows = [_as_row(record) for record in exported]
     jsonl = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     store.write_bytes(JSONL_NAME, jsonl.encode())

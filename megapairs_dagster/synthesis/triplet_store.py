@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import posixpath
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -141,6 +141,14 @@ def _parquet_bytes(rows: pa.Table, table: str, constants: dict) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(rows, buffer)
     return buffer.getvalue()
+
+
+def _column(name: str) -> str:
+    """A column of the triplets table, checked before it goes into SQL."""
+    names = FILE_SCHEMAS["triplets"].names
+    if name not in names:
+        raise ValueError(f"triplets has no column {name!r}; its columns: {names}")
+    return name
 
 
 def _sql_string(value: str) -> str:
@@ -320,13 +328,18 @@ class TripletStore:
             )
         return int(duplicates)
 
-    def triplets_frame(self, shards: Collection[str] | None = None) -> pd.DataFrame:
-        """The triplets of ``shards`` (all when None), ordered, list columns as Python lists."""
+    def triplets_frame(
+        self, shards: Collection[str] | None = None, columns: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """The triplets of ``shards`` (all when None), ordered, list columns as Python lists;
+        only ``columns`` when given (a reader of millions of rows rarely needs the
+        descriptions)."""
+        selected = "*" if columns is None else ", ".join(f'"{_column(c)}"' for c in columns)
         with self.connect(shards) as connection:
             frame = connection.execute(
-                "SELECT * FROM triplets ORDER BY shard, query_id, target_id"
+                f"SELECT {selected} FROM triplets ORDER BY shard, query_id, target_id"
             ).df()
-        for column in ("instructions", "hard_negative_ids", "views", "scores"):
+        for column in {"instructions", "hard_negative_ids", "views", "scores"} & set(frame):
             frame[column] = frame[column].map(
                 lambda values: None if values is None else values.tolist()
             )
