@@ -20,14 +20,27 @@ from fixtures_images import (
 )
 from PIL import Image
 
+from megapairs_dagster.synthesis import normalize as normalize_module
 from megapairs_dagster.synthesis.normalize import (
     REJECT_REASONS,
+    IngestRules,
     NormalizedImage,
     Reject,
-    normalize_sample,
-    normalize_shard,
 )
 from megapairs_dagster.synthesis.readers import CorpusReadError, RawSample
+
+
+def rules(**overrides) -> IngestRules:
+    """The fixtures are a few pixels wide: min_side is tested in test_ingest_rules.py."""
+    return IngestRules(**{"min_side": 1, **overrides})
+
+
+def normalize_sample(sample: RawSample, **overrides) -> NormalizedImage | Reject:
+    return normalize_module.normalize_sample(sample, rules(**overrides))
+
+
+def normalize_shard(samples, progress=None, **overrides) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return normalize_module.normalize_shard(samples, rules(**overrides), progress=progress)
 
 
 def sample(key: str, image: bytes | None, caption: str | None = "a photo") -> RawSample:
@@ -226,6 +239,8 @@ def test_frame_dtypes_and_empty_shard():
         "height",
         "caption",
         "jpeg",
+        "repairs",
+        "source_caption_chars",
     ]
     assert list(rejects.columns) == ["key", "reason", "detail"]
     assert len(empty_images) == 0 and len(empty_rejects) == 0
@@ -252,7 +267,7 @@ def test_reader_errors_propagate_after_earlier_samples():
         normalize_shard(failing_reader())
 
 
-def test_shard_kwargs_reach_normalize_sample():
+def test_shard_rules_reach_normalize_sample():
     images, _ = normalize_shard([sample("a", oversized_jpeg())], max_side=64)
     assert (images["width"].iloc[0], images["height"].iloc[0]) == (64, 32)
     assert isinstance(images, pd.DataFrame)

@@ -92,11 +92,11 @@ def test_webdataset_groups_members_and_handles_missing_parts(tmp_path):
     samples = list(read_shard(Shard("00000", str(path), "webdataset")))
     assert [s.key for s in samples] == ["a", "b", "c", "d", "sub/dir/e"]
     a, b, c, d, e = samples
-    assert (a.image_bytes, a.caption, a.meta["url"]) == (JPG_A, "caption a", "u-a")
+    assert (a.image_bytes, a.caption, a.meta["url"]) == (JPG_A, b"caption a", "u-a")
     assert (b.image_bytes, b.caption) == (JPG_B, "from json")
     assert (c.image_bytes, c.caption, c.meta) == (JPG_C, None, {})
-    assert (d.image_bytes, d.caption) == (None, "caption without image")
-    assert (e.image_bytes, e.caption) == (JPG_A, "nested")
+    assert (d.image_bytes, d.caption) == (None, b"caption without image")
+    assert (e.image_bytes, e.caption) == (JPG_A, b"nested")
 
 
 def test_webdataset_fixture_writer_round_trips(tmp_path):
@@ -105,8 +105,8 @@ def test_webdataset_fixture_writer_round_trips(tmp_path):
     )
     samples = list(read_shard(Shard("x", str(path), "webdataset")))
     assert [(s.key, s.image_bytes, s.caption) for s in samples] == [
-        ("k1", JPG_A, "one"),
-        ("k2", None, "two"),
+        ("k1", JPG_A, b"one"),
+        ("k2", None, b"two"),
         ("k3", JPG_B, None),
     ]
 
@@ -159,7 +159,7 @@ def test_folder_with_sidecars_jsonl_and_subfolders(tmp_path):
     [shard] = discover_shards(str(tmp_path))
     samples = by_key(read_shard(shard))
     assert set(samples) == {"one", "two", "three", "nested/four", "orphan", "gone"}
-    assert (samples["one"].image_bytes, samples["one"].caption) == (JPG_A, "sidecar wins")
+    assert (samples["one"].image_bytes, samples["one"].caption) == (JPG_A, b"sidecar wins")
     assert (samples["two"].image_bytes, samples["two"].caption) == (JPG_B, "from jsonl")
     assert (samples["three"].image_bytes, samples["three"].caption) == (JPG_C, None)
     assert samples["nested/four"].caption == "nested caption"
@@ -212,7 +212,7 @@ def test_corrupt_parquet_raises_corpus_read_error(tmp_path):
 
 
 def test_webdataset_and_folder_shards_on_s3(tmp_path):
-    local_tar = write_webdataset_tar(tmp_path / "00000.tar", [("k1", JPG_A, "on s3")])
+    local_tar = write_webdataset_tar(tmp_path / "00000.tar", [("k1", JPG_A, b"on s3")])
     with moto_s3() as (endpoint_url, storage_options):
         fs = s3fs.S3FileSystem(**storage_options)
         fs.mkdir("corpus")
@@ -224,10 +224,10 @@ def test_webdataset_and_folder_shards_on_s3(tmp_path):
         shards = discover_shards("s3://corpus/tars", storage_options)
         assert [(s.name, s.url) for s in shards] == [("00000", "s3://corpus/tars/00000.tar")]
         samples = list(read_shard(shards[0], storage_options))
-        assert [(s.key, s.image_bytes, s.caption) for s in samples] == [("k1", JPG_A, "on s3")]
+        assert [(s.key, s.image_bytes, s.caption) for s in samples] == [("k1", JPG_A, b"on s3")]
 
         [folder] = discover_shards("s3://corpus/folders/", storage_options)
         assert (folder.name, folder.format) == ("s1", "folder")
         [sample] = read_shard(folder, storage_options)
-        assert (sample.key, sample.image_bytes, sample.caption) == ("img", JPG_B, "folder on s3")
+        assert (sample.key, sample.image_bytes, sample.caption) == ("img", JPG_B, b"folder on s3")
         assert endpoint_url.startswith("http://127.0.0.1:")

@@ -9,8 +9,9 @@ from megapairs_dagster.assets.code_versions import versioned_by
 from megapairs_dagster.assets.conditions import catch_up_only
 from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import TRANSIENT_RETRY
-from megapairs_dagster.resources.settings import CorpusSource
+from megapairs_dagster.resources.settings import CorpusSource, domain_config
 from megapairs_dagster.synthesis.ingest import ingest_shard
+from megapairs_dagster.synthesis.normalize import IngestRules
 from megapairs_dagster.synthesis.readers import discover_shards
 
 
@@ -18,7 +19,8 @@ from megapairs_dagster.synthesis.readers import discover_shards
     outs={
         "corpus_images": AssetOut(
             description="Normalised RGB JPEGs (longest side ≤ max_side) with caption, "
-            "content-derived int64 image_id, sha256 and size.",
+            "content-derived int64 image_id, sha256 and size; repairs names what was done to "
+            "the caption (source_caption_chars: its length as read).",
             metadata=versioned_by("corpus_source"),
             automation_condition=catch_up_only(),
         ),
@@ -30,7 +32,7 @@ from megapairs_dagster.synthesis.readers import discover_shards
     },
     partitions_def=shards,
     group_name="ingest_and_embed",
-    code_version="1",
+    code_version="2",
     retry_policy=TRANSIENT_RETRY,
 )
 def corpus(context: AssetExecutionContext, corpus_source: CorpusSource):
@@ -43,13 +45,14 @@ def corpus(context: AssetExecutionContext, corpus_source: CorpusSource):
         )
     images, rejects = ingest_shard(
         shard,
+        domain_config(IngestRules, corpus_source),
         storage_options=options,
-        max_side=corpus_source.max_side,
         image_column=corpus_source.image_column,
         caption_column=corpus_source.caption_column,
         progress=lambda n: context.log.info(f"{shard.name}: {n} samples read"),
     )
-    reasons = Counter(rejects["reason"]) if len(rejects) else Counter()
+    reasons = Counter(rejects["reason"])
+    repairs = Counter(name for names in images["repairs"] for name in names.split(",") if name)
     context.log.info(f"{shard.name}: {len(images)} images kept, {len(rejects)} rejected")
     yield Output(
         images,
@@ -57,6 +60,7 @@ def corpus(context: AssetExecutionContext, corpus_source: CorpusSource):
         metadata={
             "dagster/row_count": len(images),
             "source": MetadataValue.path(shard.url),
+            **{f"repair/{name}": n for name, n in sorted(repairs.items())},
             "preview": MetadataValue.json(
                 images[["key", "width", "height", "caption"]].head(5).to_dict("records")
             ),

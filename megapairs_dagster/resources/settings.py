@@ -50,6 +50,23 @@ class CorpusSource(ConfigurableResource):
     image_column: str = Field(default="image", description="Parquet column with image bytes.")
     caption_column: str = Field(default="caption", description="Parquet column with captions.")
     max_side: int = Field(default=512, description="Longest side of a normalised image.")
+    # img2dataset's min_image_size defaults to 0 (keep everything, 1x1 tracking pixels
+    # included); img2dataset commands people publish pass e.g. 100 (a CC12M download) or 256
+    # (LAION-Aesthetics subsets), and DataComp's basic filter asks for 200. 100 drops pixels,
+    # spacers and icons while keeping the demo corpus (128 px) and ordinary web thumbnails;
+    # the encoders upscale to 224 either way. Raise it for a corpus whose small images are junk.
+    min_side: int = Field(
+        default=100, ge=0, description="Reject an image whose shorter side is smaller (pixels)."
+    )
+    # 2,000 characters is some 300 words: several times a long descriptive caption, and the
+    # CLIP text encoders read 77 tokens. What is longer is a page of scraped text.
+    max_caption_chars: int = Field(
+        default=2000, ge=1, description="Longer captions (after cleaning) are truncated at a "
+        "word boundary or rejected, as long_captions says; the original length is kept.",
+    )
+    long_captions: Literal["truncate", "reject"] = Field(
+        default="truncate", description="What happens to a caption over max_caption_chars."
+    )
 
     def storage_options(self) -> dict:
         return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from megapairs_dagster.synthesis.normalize import normalize_shard
+from megapairs_dagster.synthesis.normalize import DEFAULT_RULES, IngestRules, normalize_shard
 from megapairs_dagster.synthesis.readers import CorpusReadError, RawSample, Shard, read_shard
 
 CORRUPT_CONTAINER = "corrupt_container"
@@ -16,9 +16,9 @@ CORRUPT_CONTAINER = "corrupt_container"
 
 def ingest_shard(
     shard: Shard,
+    rules: IngestRules = DEFAULT_RULES,
     *,
     storage_options: dict[str, Any] | None = None,
-    max_side: int = 512,
     image_column: str = "image",
     caption_column: str = "caption",
     progress: Callable[[int], None] | None = None,
@@ -28,7 +28,8 @@ def ingest_shard(
     ``images`` gains a ``meta`` column (the sample's source metadata as JSON, e.g. the
     img2dataset ``.json``) so later diagnostics can use it. A container that breaks part-way
     (a truncated tar) keeps the samples read before the break and records the break as a
-    ``corrupt_container`` reject, instead of failing the whole shard.
+    ``corrupt_container`` reject, instead of failing the whole shard. Every sample read
+    ends up in exactly one of the two frames.
     """
     metas: dict[str, str] = {}
     container_errors: list[str] = []
@@ -38,12 +39,15 @@ def ingest_shard(
             for sample in read_shard(
                 shard, storage_options, image_column=image_column, caption_column=caption_column
             ):
-                metas[sample.key] = json.dumps(sample.meta, sort_keys=True) if sample.meta else ""
+                # default=str: parquet meta columns may hold bytes or timestamps
+                metas[sample.key] = (
+                    json.dumps(sample.meta, sort_keys=True, default=str) if sample.meta else ""
+                )
                 yield sample
         except CorpusReadError as error:
             container_errors.append(str(error))
 
-    images, rejects = normalize_shard(samples(), progress=progress, max_side=max_side)
+    images, rejects = normalize_shard(samples(), rules, progress=progress)
     images["meta"] = images["key"].map(metas).fillna("").astype(str)
     if container_errors:
         broken = pd.DataFrame(

@@ -18,6 +18,10 @@ Every reader goes through fsspec, so the same code reads a local folder and
 
 Shards are streamed: a tar is read member by member, a parquet file batch by batch, so a
 shard never has to fit in memory.
+
+Captions are passed on as stored (bytes from a ``.txt``, text from JSON or a string column):
+decoding and repair happen in ``normalize.py``, which records them. Keys are made storable
+here: a name that is not valid UTF-8 shows each bad byte as a ``\\udcXX`` escape.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class RawSample:
 
     key: str
     image_bytes: bytes | None
-    caption: str | None
+    caption: str | bytes | None  # bytes: not yet decoded (a .txt member or sidecar)
     meta: dict = field(default_factory=dict)
 
 
@@ -144,11 +148,17 @@ def _extension_kind(extension: str) -> str:
     return {"txt": "caption", "json": "meta"}.get(last, "other")
 
 
+def _storable_key(key: str) -> str:
+    """The key with lone surrogates (undecodable bytes of a file name) escaped: Parquet
+    refuses them, and the escape still shows which bytes the name held."""
+    return key.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
 def _parse_meta(raw: bytes) -> dict:
     """Parse a sample's .json; a malformed one is reported in meta, not fatal."""
     try:
         parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nested too deep
         return {"json_error": str(exc)}
     return parsed if isinstance(parsed, dict) else {"json": parsed}
 
@@ -162,12 +172,12 @@ def _sample_from_members(key: str, members: dict[str, bytes]) -> RawSample:
         if kind == "image" and image_bytes is None:
             image_bytes = data
         elif kind == "caption":
-            caption = data.decode("utf-8", errors="replace")
+            caption = data
         elif kind == "meta":
             meta = _parse_meta(data)
     if caption is None and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
-    return RawSample(key=key, image_bytes=image_bytes, caption=caption, meta=meta)
+    return RawSample(_storable_key(key), image_bytes=image_bytes, caption=caption, meta=meta)
 
 
 def _read_webdataset(shard: Shard, options: dict) -> Iterator[RawSample]:
@@ -196,19 +206,23 @@ def _read_webdataset(shard: Shard, options: dict) -> Iterator[RawSample]:
 
 
 def _folder_captions_from_jsonl(fs, path: str) -> dict[str, str]:
-    """Map image file name to caption from a shard's captions.jsonl, if there is one."""
+    """Map image file name to caption from a shard's captions.jsonl, if there is one.
+
+    Lines are decoded with ``surrogateescape``: bytes that are not UTF-8 reach the caption as
+    lone surrogates, which normalisation replaces and records, instead of failing the shard.
+    """
     if not fs.exists(path):
         return {}
     captions = {}
-    with fs.open(path, "rt", encoding="utf-8") as lines:
+    with fs.open(path, "rb") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8", errors="surrogateescape"))
                 file_name = record.get("file", record.get("image"))
                 caption = record.get("caption", record.get("text"))
-            except (json.JSONDecodeError, AttributeError) as exc:
+            except (ValueError, AttributeError, RecursionError) as exc:
                 raise CorpusReadError(f"{path} line {line_number} is not a JSON object") from exc
             if isinstance(file_name, str) and isinstance(caption, str):
                 captions[posixpath.normpath(file_name)] = caption
@@ -237,19 +251,24 @@ def _read_folder(shard: Shard, options: dict) -> Iterator[RawSample]:
         ).items()
     }
     for key in sorted(images.keys() | sidecars.keys() | jsonl_captions.keys()):
-        if key in sidecars:
-            caption = fs.cat_file(sidecars[key]).decode("utf-8", errors="replace")
-        else:
-            caption = jsonl_captions.get(key)
+        caption = fs.cat_file(sidecars[key]) if key in sidecars else jsonl_captions.get(key)
         image_bytes = fs.cat_file(images[key]) if key in images else None
-        yield RawSample(key=key, image_bytes=image_bytes, caption=caption, meta={})
+        yield RawSample(_storable_key(key), image_bytes=image_bytes, caption=caption, meta={})
 
 
-def _image_cell_bytes(cell) -> bytes | None:
+def _image_cell_bytes(cell, column: str) -> bytes | None:
     """Accept raw bytes or a Hugging Face ``{"bytes": ..., "path": ...}`` struct."""
     if isinstance(cell, dict):
         cell = cell.get("bytes")
-    return bytes(cell) if cell is not None else None
+    if cell is not None and not isinstance(cell, bytes):
+        raise TypeError(f"column {column!r} holds {type(cell).__name__}, not image bytes")
+    return cell
+
+
+def _caption_cell(cell, column: str) -> str | bytes | None:
+    if cell is not None and not isinstance(cell, str | bytes):
+        raise TypeError(f"column {column!r} holds {type(cell).__name__}, not text")
+    return cell
 
 
 def _read_parquet(
@@ -268,8 +287,11 @@ def _read_parquet(
             row_index = 0
             for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
                 for row in batch.to_pylist():
-                    image_bytes = _image_cell_bytes(row.pop(image_column))
-                    caption = row.pop(caption_column)
+                    try:
+                        image_bytes = _image_cell_bytes(row.pop(image_column), image_column)
+                        caption = _caption_cell(row.pop(caption_column), caption_column)
+                    except TypeError as exc:  # a column has one type: the wrong column is named
+                        raise CorpusReadError(f"shard {shard.name!r} ({shard.url}): {exc}") from exc
                     key = row.pop(key_column) if key_column in columns else row_index
                     row_index += 1
                     yield RawSample(
