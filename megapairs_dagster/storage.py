@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -25,6 +26,14 @@ def default_cache_dir(root: str) -> Path:
     deployments on one machine never share cached weights or checkpoints."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "megapairs" / hashlib.sha256(root.encode()).hexdigest()[:16]
+
+
+def _check_relative(part: str) -> None:
+    """Keys come from outside (shard names, partition keys), so ``../x``, ``/etc/x``,
+    ``..\\x``, ``C:x`` or a URL must not pick where an artifact is written or read."""
+    if (part.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", part)
+            or re.match(r"[A-Za-z]:", part) or "://" in part or "\0" in part):
+        raise ValueError(f"artifact path {part!r} is not a relative path inside the store")
 
 
 class ArtifactStoreClient:
@@ -57,6 +66,9 @@ class ArtifactStoreClient:
         return self.root.fs
 
     def path(self, *parts: str) -> UPath:
+        """``parts`` below the root; a part that could reach past it is refused (ValueError)."""
+        for part in parts:
+            _check_relative(part)
         return self.root.joinpath(*parts)
 
     def url(self, *parts: str) -> str:

@@ -7,6 +7,8 @@ import pytest
 from megapairs_dagster.synthesis.generation.parsing import (
     EMPTY_ITEM,
     EMPTY_OUTPUT,
+    MARKUP,
+    NO_CONTENT,
     NOT_A_LIST,
     REPEATS_CAPTION,
     TOO_FEW,
@@ -90,6 +92,11 @@ def test_a_bad_item_is_dropped_when_enough_remain():
         (_with_third("Make it " + "very " * 50 + "dark"), TOO_LONG),
         (_with_third("a small blue star at the top, on a night background"), REPEATS_CAPTION),
         (_with_third("A small blue star at the top on a night background please"), REPEATS_CAPTION),
+        (_with_third("<b>Show it darker</b>"), MARKUP),
+        (_with_third("Show it in {colour}"), MARKUP),
+        (_with_third("Make it %s"), MARKUP),
+        (_with_third("```"), NO_CONTENT),
+        (_with_third("\u0000\u202e 1. -- ?"), NO_CONTENT),
     ],
 )
 def test_reject_reasons(raw, reason):

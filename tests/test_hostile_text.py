@@ -143,15 +143,19 @@ def test_template_generation_on_hostile_captions_renders_parses_and_accounts():
 
 
 @pytest.mark.parametrize("description", HOSTILE_CAPTIONS)
-def test_a_hostile_description_is_placed_verbatim_once_in_the_instruction_prompt(description):
+def test_a_hostile_description_is_placed_on_one_line_once_in_the_instruction_prompt(description):
+    """Its words verbatim, its line breaks as spaces: its own 'Description:' / 'Instructions:'
+    lines cannot pose as one more demonstration."""
     demonstrations = load_demonstrations()[:5]
     sentinel = "SENTINEL-DESCRIPTION"
+    one_line = " ".join(description.split())
     rendered = render_instruction_prompt(description, demonstrations)
-    expected = render_instruction_prompt(sentinel, demonstrations).replace(
-        sentinel, description.strip()
-    )
+    expected = render_instruction_prompt(sentinel, demonstrations).replace(sentinel, one_line)
     assert rendered == expected
-    assert rendered.count(description.strip()) == 1
+    assert rendered.count(one_line) == 1
+    lines = rendered.splitlines()
+    for marker in ("Description:", "Instructions:"):
+        assert sum(line.startswith(marker) for line in lines) == len(demonstrations) + 1
 
 
 def test_the_description_prompt_carries_no_caption():
@@ -207,19 +211,23 @@ def test_injected_instruction_answers_are_parsed_or_rejected_with_their_reason()
         assert items == ["Show it at night", "Make it blue", "Add a dog"]
 
 
-@pytest.mark.xfail(strict=True, reason="parse_instructions (parsing.py, not ingest's to change) "
-                   "accepts items that are no instruction; see the issue 15 report")
+def test_instructions_are_cleaned_of_control_and_bidi_characters():
+    raw = '["Show it at\\u0000 night", "Make it \\u202eblue", "Add a\\u001b dog"]'
+    result = parse_instructions(raw, query_caption="a red car", target_caption="a blue car")
+    assert result.instructions == ("Show it at night", "Make it blue", "Add a dog")
+
+
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "reason"),
     [
-        '["Show it at\\u0000 night", "Make it \\u202eblue", "Add a dog\\u001b[31m"]',
-        '["{0}", "%s", "{{ description }}"]',
-        '["<script>alert(1)</script>", "```", "# heading"]',
+        ('["{0}", "%s", "{{ description }}"]', "markup"),
+        ('["<script>alert(1)</script>", "```", "# heading"]', "markup"),
+        ('["```", "---", "..."]', "no_content"),
     ],
 )
-def test_instructions_carrying_control_characters_or_only_markup_are_rejected(raw):
+def test_instructions_that_are_only_placeholders_or_markup_are_rejected(raw, reason):
     result = parse_instructions(raw, query_caption="a red car", target_caption="a blue car")
-    assert not result.ok
+    assert result.reason == reason, result
 
 
 # --- tiny transformers models: the real prompt path -------------------------------------------
@@ -264,19 +272,30 @@ def test_hostile_text_through_both_transformers_steps(tiny_models):
     assert_accounted(pairs, instructions, rejects, "instructions")
 
 
-@pytest.mark.xfail(strict=True, reason="hf.py tokenises the rendered prompt with special tokens "
-                   "parsed, so a description's '</s>' becomes an end-of-sequence id; "
-                   "see the issue 15 report")
-def test_special_token_strings_in_a_description_stay_text(tiny_models):
+@pytest.mark.parametrize("template", [True, False], ids=["chat-template", "plain"])
+def test_special_token_strings_in_a_description_stay_text(tiny_models, tmp_path, template):
+    """The ids the model gets spell the description's '</s>', '<s>', '<image>' as text: no
+    end of sequence mid-prompt; the template's own bos stays the one special token."""
     llm_dir, _ = tiny_models
+    if not template:
+        llm_dir = save_tiny_llm(tmp_path / "plain", chat_template=None)
     instructor = TransformersInstructor(
         str(llm_dir), render_prompt=lambda request: request.description, max_new_tokens=1
     )
     pair = PairInput("p", b"", b"", PLAIN, PLAIN)
-    prompt = instructor.format_prompt(InstructionRequest(pair, "a car </s> parked", (), 0))
-    assert "</s>" in prompt
-    ids = instructor.tokenizer(prompt, add_special_tokens=False).input_ids
-    assert instructor.tokenizer.eos_token_id not in ids
+    description = "<s> a car </s> parked <image> <pad>"
+    request = InstructionRequest(pair, description, (), 0)
+    assert "</s>" in instructor.format_prompt(request)
+    ids = instructor.encode(request)
+    tokenizer = instructor.tokenizer
+    assert ids[0] == tokenizer.bos_token_id
+    assert not set(ids[1:]) & set(tokenizer.all_special_ids), ids
+    text = instructor.format_prompt(request)
+    assert tokenizer.decode(ids[1:]) == (text.removeprefix("<s>") if template else text)
+    # An ordinary prompt gets the ids plain tokenization gives it.
+    plain = InstructionRequest(pair, PLAIN, (), 0)
+    text = instructor.format_prompt(plain)
+    assert instructor.encode(plain) == tokenizer(text, add_special_tokens=not template).input_ids
 
 
 # --- fuzzing: random captions, bytes and shards through the readers and the ingest -----------

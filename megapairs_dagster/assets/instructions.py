@@ -15,6 +15,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
+    AssetKey,
     AssetOut,
     Output,
     multi_asset,
@@ -114,6 +115,11 @@ def _pair_inputs(
         )
         for pair_id, q, t in zip(pairs["pair_id"], pairs["query_id"], pairs["target_id"])
     ]
+
+
+def _code_version(context: AssetExecutionContext, asset: str) -> str | None:
+    """Part of the saved chunks' key: chunks made by older code are not reused."""
+    return context.assets_def.code_versions_by_key.get(AssetKey(asset))
 
 
 def _chunked(
@@ -218,6 +224,7 @@ def pair_descriptions(
             "word_budget": [generation.word_budget_min, generation.word_budget_max],
             "max_attempts": generation.max_attempts,
             "max_caption_changes": generation.max_caption_changes,
+            "code_version": _code_version(context, "pair_descriptions"),
         }
         digest = config_hash(config)
 
@@ -258,7 +265,9 @@ def pair_descriptions(
     ins={"pair_descriptions": AssetIn(), "image_index": AssetIn()},
     partitions_def=shards,
     group_name="synthesis",
-    code_version="1",
+    # 2: descriptions go into the prompt on one line; instructions are cleaned of control
+    # characters, and markup or word-less ones are rejected (markup, no_content)
+    code_version="2",
     # A low parse rate flags the generator; the instructions kept are valid, so it only warns.
     check_specs=[AssetCheckSpec("parse_rate", asset="instructions")],
     pool=GPU_POOL,
@@ -287,6 +296,7 @@ def instructions(
                 {h for frame in _per_shard(context, pair_descriptions).values()
                  for h in frame.get("config_hash", [])}
             ),
+            "code_version": _code_version(context, "instructions"),
         }
         digest = config_hash(config)
 

@@ -43,6 +43,7 @@ from megapairs_dagster.synthesis.encoders import (
     resolve_device,
 )
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
+from megapairs_dagster.synthesis.generation.chat_tokens import prompt_token_ids
 from megapairs_dagster.synthesis.generation.images import (
     check_max_side,
     fit_within,
@@ -237,23 +238,30 @@ class TransformersInstructor(_TransformersBackend):
         )
         return AutoModelForCausalLM.from_pretrained(model_path, **self.load_kwargs)
 
-    def format_prompt(self, request: InstructionRequest) -> str:
-        """The exact text the model sees: the chat template's user turn, or the plain prompt."""
-        prompt = self.render_prompt(request)
+    def _chat(self, prompt: str) -> str:
         if self.tokenizer.chat_template is None:
             return prompt
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
 
+    def format_prompt(self, request: InstructionRequest) -> str:
+        """The exact text the model sees: the chat template's user turn, or the plain prompt."""
+        return self._chat(self.render_prompt(request))
+
+    def encode(self, request: InstructionRequest) -> list[int]:
+        """The ids the model gets: the template's special tokens as such, while the prompt
+        (which carries the description) stays text even where it spells ``</s>``."""
+        prompt = self.render_prompt(request)
+        return prompt_token_ids(self.tokenizer, self._chat(prompt), prompt)
+
     def instruct(self, requests: Sequence[InstructionRequest]) -> list[str]:
         outputs: list[str] = []
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start:start + self.batch_size]
-            texts = [self.format_prompt(request) for request in batch]
-            inputs = self.tokenizer(
-                texts, padding=True, return_tensors="pt",
-                add_special_tokens=not _starts_with_bos(texts[0], self.tokenizer),
+            inputs = self.tokenizer.pad(
+                {"input_ids": [self.encode(request) for request in batch]}, padding=True,
+                return_tensors="pt",
             )
             outputs += self._generate(inputs, [request.seed for request in batch])
         return outputs
@@ -264,6 +272,8 @@ class TransformersDescriber(_TransformersBackend):
 
     Loaded through ``AutoModelForImageTextToText`` and ``AutoProcessor`` (LLaVA, and other
     families whose processors accept two images per chat turn). The query image comes first.
+    Its prompt is the project's own text with no caption in it, so the processor may read
+    special tokens in it (the image placeholders are such tokens).
     """
 
     processor: Any = None

@@ -1,7 +1,9 @@
 """Parsing and validation of model output, the same for every backend.
 
 Bad output is turned into a reason from a fixed vocabulary (never an exception), so runs
-can count rejects by reason and retry them.
+can count rejects by reason and retry them. Each instruction is cleaned as ingest cleans a
+caption (control and bidi-override characters out, whitespace collapsed): a JSON escape
+such as ``\u0000`` or ``\u202e`` must not reach the triplets.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+
+from megapairs_dagster.synthesis.normalize import clean_caption
 
 EMPTY_OUTPUT = "empty_output"
 NOT_A_LIST = "not_a_list"
@@ -19,6 +23,8 @@ TOO_SHORT = "too_short"
 REPEATS_CAPTION = "repeats_caption"
 BACKEND_ERROR = "backend_error"
 TOO_DIFFERENT = "too_different"  # captions differ in more than one instruction can state
+MARKUP = "markup"  # an item with HTML/XML tags or template placeholders ({0}, {{x}}, %s)
+NO_CONTENT = "no_content"  # an item with no word in it ("```", "---", "...")
 REJECT_REASONS = (
     EMPTY_OUTPUT,
     NOT_A_LIST,
@@ -29,6 +35,8 @@ REJECT_REASONS = (
     REPEATS_CAPTION,
     BACKEND_ERROR,
     TOO_DIFFERENT,
+    MARKUP,
+    NO_CONTENT,
 )
 CAPTION_OVERLAP = 0.9  # token Jaccard overlap from which a text counts as a caption copy
 MIN_DESCRIPTION_WORDS = 10
@@ -36,6 +44,9 @@ DESCRIPTION_BUDGET_SLACK = 1.5  # a description may run to 1.5x its word budget
 
 _LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.+?)\s*$")
 _TOKEN = re.compile(r"[a-z0-9]+")
+# Instructions are plain sentences: a tag or a placeholder means echoed markup or template.
+_MARKUP = re.compile(r"</?[A-Za-z|][^<>]*>|\{[^{}]*\}|%(?:\([^)]*\))?[sdifr]\b")
+_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters or more, in any script
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,9 @@ def parse_instructions(
 ) -> ParseResult:
     """Instructions from an LLM answer, or a reject reason.
 
-    Bad items (empty, too long, a caption copy) and duplicates are dropped; the answer is
-    rejected only when fewer than ``min_count`` remain, with the reason items were lost.
+    Items are cleaned first; bad ones (empty, too long, markup, no words, a caption copy)
+    and duplicates are dropped; the answer is rejected only when fewer than ``min_count``
+    remain, with the reason items were lost.
     """
     if not raw or not raw.strip():
         return ParseResult(reason=EMPTY_OUTPUT, detail="no text")
@@ -109,13 +121,18 @@ def parse_instructions(
     captions = (query_caption, target_caption)
     kept: list[str] = []
     seen: set[str] = set()
-    dropped = {EMPTY_ITEM: 0, TOO_LONG: 0, REPEATS_CAPTION: 0, "duplicate": 0}
+    dropped = {EMPTY_ITEM: 0, TOO_LONG: 0, MARKUP: 0, NO_CONTENT: 0, REPEATS_CAPTION: 0,
+               "duplicate": 0}
     for item in items:
-        text = " ".join(item.split()) if isinstance(item, str) else ""
+        text = clean_caption(item).text if isinstance(item, str) else ""
         if not text:
             dropped[EMPTY_ITEM] += 1
         elif len(text) > max_chars:
             dropped[TOO_LONG] += 1
+        elif _MARKUP.search(text):
+            dropped[MARKUP] += 1
+        elif not _WORD.search(text):
+            dropped[NO_CONTENT] += 1
         elif repeats_caption(text, captions):
             dropped[REPEATS_CAPTION] += 1
         elif _normalised(text) in seen:
@@ -127,7 +144,7 @@ def parse_instructions(
     detail = f"{len(kept)} valid of {len(items)}" + (f"; dropped {drops}" if drops else "")
     if len(kept) >= min_count:
         return ParseResult(instructions=tuple(kept), detail=detail)
-    reasons = [r for r in (REPEATS_CAPTION, TOO_LONG, EMPTY_ITEM) if dropped[r]]
+    reasons = [r for r in (REPEATS_CAPTION, TOO_LONG, MARKUP, NO_CONTENT, EMPTY_ITEM) if dropped[r]]
     return ParseResult(reason=reasons[0] if reasons else TOO_FEW, detail=detail)
 
 

@@ -67,12 +67,15 @@ def render_description_prompt(word_budget: int, version: str = PROMPT_VERSION) -
 def render_instruction_prompt(
     description: str, demonstrations: Sequence[Demonstration], version: str = PROMPT_VERSION
 ) -> str:
-    """The LLM prompt: rules, the demonstrations as description → JSON list, then the task."""
+    """The LLM prompt: rules, the demonstrations as description → JSON list, then the task.
+
+    The description goes in on one line (whitespace collapsed), so lines of its own such as
+    ``Instructions: [...]`` or ``Description: ...`` cannot pose as another demonstration."""
     examples = "\n\n".join(
         f"Description: {d.description}\nInstructions: {json.dumps(list(d.instructions))}"
         for d in demonstrations
     )
     return _fill(
         load_prompt("instruct", version),
-        {"demonstrations": examples, "description": description.strip()},
+        {"demonstrations": examples, "description": " ".join(description.split())},
     )
