@@ -41,6 +41,8 @@ def _demo(args: argparse.Namespace) -> None:
 
     from megapairs_dagster.definitions import build_definitions
     from megapairs_dagster.demo import write_demo_shard
+    from megapairs_dagster.evaluation.leaderboard import HEADLINES, leaderboard
+    from megapairs_dagster.evaluation.studies import study_markdown, study_table
     from megapairs_dagster.jobs.pipeline import materialize_pipeline
     from megapairs_dagster.jobs.sensors import claim_instance
     from megapairs_dagster.reports import (
@@ -79,9 +81,12 @@ def _demo(args: argparse.Namespace) -> None:
     summary["export"] = client.url("megapairs_export")
     print("\n" + format_summary(summary))
     training = training_reports(client, tuple(DEMO_RUNS))
-    print("\n" + format_scores(
-        database.scores_frame(), seeds=DEMO_SEEDS, control=DEMO_CONTROL, training=training
-    ))
+    scores = database.scores_frame()
+    print("\n" + format_scores(scores, seeds=DEMO_SEEDS, control=DEMO_CONTROL, training=training))
+    for name, study in deployment.studies.items():  # with MEGAPAIRS_STUDIES set
+        scored = [b for b in HEADLINES if b in set(scores["benchmark"])]
+        table = study_table(leaderboard(scores, study.runs, scored), study.points)
+        print(f"\n{name}: {study.title}\n{study_markdown(table, study.axis)}")
     print(f"\ndemo pipeline finished in {time.perf_counter() - started:.0f}s")
 
 

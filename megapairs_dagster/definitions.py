@@ -20,6 +20,8 @@ from megapairs_dagster.assets.evaluation import (
     demo_benchmark,
 )
 from megapairs_dagster.assets.knn import knn_assets
+from megapairs_dagster.assets.leaderboard import build_leaderboard_asset
+from megapairs_dagster.assets.studies import build_study_assets
 from megapairs_dagster.assets.training import build_training_asset
 from megapairs_dagster.jobs import build_jobs, sensors
 from megapairs_dagster.resources.profiles import Deployment, load_deployment
@@ -44,6 +46,8 @@ def build_definitions(deployment: Deployment) -> Definitions:
                              gpus=deployment.resources["training"].nproc_per_node),
         *([demo_benchmark] if demo else []),
         build_scores_asset(deployment.training_runs, benchmarks),
+        build_leaderboard_asset(list(deployment.training_runs), benchmarks),
+        *build_study_assets(deployment.studies, benchmarks),
     ]
     return Definitions(
         assets=with_config_versions(assets, deployment.resources),

@@ -54,7 +54,8 @@ def test_jobs_sensor_and_both_profiles_resolve():
         f"demo_cir|{run}" for run in jobs["training"].partitions_def.get_partition_keys()
     }
     paper = build_definitions(load_deployment("paper")).resolve_job_def("evaluation")
-    assert "cirr|large" in paper.partitions_def.get_partition_keys()
+    assert {"cirr|large", "genecis|large", "mmeb|base_encoder"} <= set(
+        paper.partitions_def.get_partition_keys())
     assert {key.to_user_string() for key in jobs["synthesis"].asset_layer.selected_asset_keys} == {
         "image_pairs", "pair_descriptions", "description_rejects", "instructions",
         "instruction_rejects", "triplets",
@@ -108,6 +109,10 @@ def test_each_profile_has_its_own_training_runs():
     graph = paper.resolve_asset_graph()
     assert not graph.has(AssetKey("demo_benchmark"))
     assert graph.get(AssetKey("benchmark_scores")).parent_keys == {AssetKey("mmret_clip")}
+    # one table of every score, its own group (and job): a group is one partitioning
+    leaderboard = graph.get(AssetKey("leaderboard"))
+    assert leaderboard.parent_keys == {AssetKey("benchmark_scores")}
+    assert leaderboard.group_name == "evaluation_summary" and leaderboard.partitions_def is None
 
 
 def test_a_deployment_config_file_reaches_resources_and_runs(tmp_path, monkeypatch):

@@ -43,11 +43,14 @@ GENERATED_OR_EXTERNAL = {
     "KEY.txt",
     "KEY.json",
     "NAME.txt",
-    # files of the official benchmark downloads (CIRCO, CIRR)
+    # files of the official benchmark downloads (CIRCO, CIRR, GeneCIS with COCO and Visual Genome)
     "val.json",
     "cap.rc2.val.json",
     "split.rc2.val.json",
     "img_raw/",
+    "genecis/",
+    "val2017/",
+    "VG_100K_all/",
     # the user's own one-off run config for `dagster asset materialize -c`
     "run_config.yaml",
     # files of a transformers CLIPModel checkpoint (released weights, or an export of ours)

@@ -73,17 +73,23 @@ def _write_json(path: Path, data) -> None:
 # --- CIRCO format -------------------------------------------------------------------------
 
 
+CIRCO_NAMES = ["1", "2", "3", "4", "5", "6"]
+CIRCO_QUERIES = [CirQuery("0", "1", ("two cats", "is darker"), "2", ("2", "3")),
+                 CirQuery("1", "4", ("a dog", "runs"), "5", ("5",))]
+CIRCO_ORDERS = {
+    # The reference stays in the gallery: ground truths at 2 and 4, AP@5 (1/2 + 2/4) / 2.
+    ("1", "Find a picture that also two cats, but is darker."): ["1", "2", "6", "3"],
+    ("4", "Find a picture that also a dog, but runs."): ["5"],
+}
+
+
+def circo_images() -> dict[str, Image.Image]:
+    return {name: Image.new("RGB", (8, 8), (_colour(i),) * 3) for i, name in enumerate(CIRCO_NAMES)}
+
+
 def test_circo_format_by_hand_overall_and_per_group():
-    names = ["1", "2", "3", "4", "5", "6"]
-    images = {name: Image.new("RGB", (8, 8), (_colour(i),) * 3) for i, name in enumerate(names)}
-    queries = [CirQuery("0", "1", ("two cats", "is darker"), "2", ("2", "3")),
-               CirQuery("1", "4", ("a dog", "runs"), "5", ("5",))]
-    model = HandChosenEncoder(names, {
-        # The reference stays in the gallery: ground truths at 2 and 4, AP@5 (1/2 + 2/4) / 2.
-        ("1", "Find a picture that also two cats, but is darker."): ["1", "2", "6", "3"],
-        ("4", "Find a picture that also a dog, but runs."): ["5"],
-    })
-    metrics = evaluate_circo_format(model, queries, names, images.__getitem__,
+    model = HandChosenEncoder(CIRCO_NAMES, CIRCO_ORDERS)
+    metrics = evaluate_circo_format(model, CIRCO_QUERIES, CIRCO_NAMES, circo_images().__getitem__,
                                     groups={"0": "colour", "1": "shape"})
     assert {group: values["mAP@5"] for group, values in metrics.items()} == pytest.approx(
         {"all": 75.0, "colour": 50.0, "shape": 100.0})

@@ -37,6 +37,7 @@ from megapairs_dagster.resources.profiles import (
     load_deployment,
 )
 from megapairs_dagster.resources.settings import Training
+from megapairs_dagster.retrieval import nested_subset
 from megapairs_dagster.synthesis.encoders import CLIP_WEIGHTS_FILE
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
@@ -182,10 +183,12 @@ def test_two_processes_through_pipes_train_like_one_and_a_killed_worker_resumes(
 
 
 def test_a_run_can_train_on_one_views_pairs_without_hard_negatives(mined):
-    """The paper's ablations as training runs: Table 5 (which views' pairs) and Table 4 (hard
-    negatives), set per run beside the training resource's defaults."""
+    """The paper's ablations as training runs: Table 5 (which views' pairs), Table 4 (hard
+    negatives) and Fig. 2 (a fraction of the triplets), set per run beside the training
+    resource's defaults."""
     resources, instance = mined
-    runs = {"ablation": TrainingRun(views=("clip_caption",), hard_negatives="none", max_steps=3)}
+    runs = {"ablation": TrainingRun(views=("clip_caption",), hard_negatives="none", max_steps=3,
+                                    triplets_fraction=0.5)}
     assets = [a for a in defs.assets
               if not {AssetKey("mmret_clip"), AssetKey("benchmark_scores")} & set(a.keys)]
     training = Training(batch_size=4, warmup_steps=0, caption_loss_weight=0.0)
@@ -196,9 +199,12 @@ def test_a_run_can_train_on_one_views_pairs_without_hard_negatives(mined):
     client = resources["store"].client()
     record = load_artifact(client, artifact_relpath(["mmret_clip"], "ablation"))
     everything = TripletStore(client).triplets_frame()
-    caption_pairs = [views for views in everything["views"] if "clip_caption" in views]
-    assert 0 < record["data"]["triplets"] == len(caption_pairs) < len(everything)
+    caption_pairs = everything[["clip_caption" in views for views in everything["views"]]]
+    # the fraction of Fig. 2's scaling curve, taken from the chosen views' pairs
+    half = nested_subset(caption_pairs, 0.5)
+    assert 0 < record["data"]["triplets"] == len(half) < len(caption_pairs) < len(everything)
     assert record["data"]["views"] == ["clip_caption"]
+    assert record["data"]["triplets_fraction"] == 0.5
     assert record["hard_negatives"] == "none"
     assert record["training"]["query_as_negative"] is False
     assert record["report"]["steps"] == 3  # the run's max_steps, not the resource's

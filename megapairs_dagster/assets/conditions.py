@@ -12,6 +12,8 @@ the condition on its own decorator, evaluated by the automation sensor (``jobs/a
 - :func:`catch_up_only`: the ingest, which the shard sensor requests, is only caught up.
 - :func:`rebuild_after_updates`: a global asset (an index, the export) is rebuilt once after
   any dependency partition updates.
+- :func:`summary_after_updates`: the same for a summary that must not wait for every
+  dependency partition (the leaderboard).
 - :func:`baseline_once`: the base encoders are materialised once and never rebuilt by
   automation (the demo runner reads this too: ``jobs/pipeline.py``).
 - :class:`UpdatedAfter`: a shard waits until a global asset it reads holds the shard.
@@ -169,16 +171,28 @@ def catch_up_only() -> AutomationCondition:
     return (_stale_since_catch_up([]) & _ready()).with_label("catch_up_only")
 
 
+def _after_updates() -> AutomationCondition:
+    """Once after any dependency updates, or when missing (only once some dependency
+    partition exists, not over an empty corpus)."""
+    has_input = AutomationCondition.any_deps_match(~AutomationCondition.missing())
+    return (_missing_not_tried() & has_input) | (
+        AutomationCondition.any_deps_updated().since_last_handled()
+    )
+
+
 def rebuild_after_updates() -> AutomationCondition:
     """Like ``eager()`` (once after any dependency updates, or when missing), but never on the
     same tick as a dependency's own run: an unpartitioned asset cannot share a run with the
     partitioned dependencies it reads."""
-    # (when missing: only once some dependency partition exists, not over an empty corpus)
-    has_input = AutomationCondition.any_deps_match(~AutomationCondition.missing())
-    trigger = (_missing_not_tried() & has_input) | (
-        AutomationCondition.any_deps_updated().since_last_handled()
-    )
-    return (trigger & _ready() & _idle()).with_label("rebuild_after_updates")
+    return (_after_updates() & _ready() & _idle()).with_label("rebuild_after_updates")
+
+
+def summary_after_updates() -> AutomationCondition:
+    """A summary of partitions some of which may never exist (the leaderboard: a benchmark
+    without data, a run not trained yet): rebuilt once after any of them updates, never while
+    one is requested or running, whatever is missing."""
+    return (_after_updates() & ~AutomationCondition.in_progress() & _idle()).with_label(
+        "summary_after_updates")
 
 
 def baseline_once() -> AutomationCondition:

@@ -1,5 +1,5 @@
 """``demo_benchmark`` and ``benchmark_scores`` (benchmark × model), with the CIRCO and CIRR
-test-server submission files."""
+test-server submission files and a picture of a few queries' retrievals."""
 
 import io
 import json
@@ -12,6 +12,7 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AssetIn,
+    AssetObservation,
     AssetsDefinition,
     MaterializeResult,
     MetadataValue,
@@ -22,21 +23,33 @@ from dagster import (
 )
 from PIL import Image
 
+from megapairs_dagster.assets.plots import png_markdown
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
 from megapairs_dagster.assets.training import trained_model, training_partitions
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.demo import write_demo_benchmark
-from megapairs_dagster.evaluation.datasets import load_circo, load_cirr, load_fashioniq
+from megapairs_dagster.evaluation.datasets import (
+    load_circo,
+    load_cirr,
+    load_fashioniq,
+    load_genecis,
+    load_mmeb,
+)
 from megapairs_dagster.evaluation.evaluate import (
     ComposedEncoder,
     Metrics,
     circo_test_submissions,
     cirr_test_submissions,
+    collecting_examples,
     evaluate_circo_format,
     evaluate_cirr,
     evaluate_fashioniq,
+    evaluate_genecis,
+    evaluate_mmeb,
     reusing_gallery_embeddings,
 )
+from megapairs_dagster.evaluation.examples import draw_examples, png_bytes
+from megapairs_dagster.evaluation.leaderboard import HEADLINES
 from megapairs_dagster.evaluation.readers import read_circo
 from megapairs_dagster.evaluation.submission import check_test_gallery, submission_json
 from megapairs_dagster.resources.profiles import TrainingRun
@@ -44,7 +57,7 @@ from megapairs_dagster.resources.settings import BenchmarkData
 from megapairs_dagster.resources.store import ArtifactStore
 
 # The metric each benchmark's papers lead with: the one shown per query group in the metadata.
-HEADLINE_METRIC = {"demo_cir": "mAP@5", "circo": "mAP@5", "cirr": "R@1", "fashioniq": "R@10"}
+HEADLINE_METRIC = {benchmark: columns[0][1] for benchmark, columns in HEADLINES.items()}
 
 
 def submission_relpath(benchmark: str, model: str, name: str) -> str:
@@ -121,7 +134,19 @@ def _fashioniq(data: BenchmarkData) -> Scorer:
     return lambda model: evaluate_fashioniq(model, queries, galleries, load)
 
 
-REAL_BENCHMARKS = {"circo": _circo, "cirr": _cirr, "fashioniq": _fashioniq}
+def _genecis(data: BenchmarkData) -> Scorer:
+    queries, load = load_genecis(data.genecis_annotations, data.genecis_coco_images,
+                                 data.genecis_vg_images)
+    return lambda model: evaluate_genecis(model, queries, load)
+
+
+def _mmeb(data: BenchmarkData) -> Scorer:
+    queries, load = load_mmeb(data.mmeb_data, data.mmeb_images)
+    return lambda model: evaluate_mmeb(model, queries, load)
+
+
+REAL_BENCHMARKS = {"circo": _circo, "cirr": _cirr, "fashioniq": _fashioniq,
+                   "genecis": _genecis, "mmeb": _mmeb}
 
 
 class PendingSubmission(NamedTuple):
@@ -166,9 +191,11 @@ def build_scores_asset(
         pool=GPU_POOL,
         op_tags=GPU_TAGS,
         description="Metrics of one training run's model on one benchmark, as the official "
-        "evaluation computes them; also rows of the `benchmark_scores` table. A benchmark "
-        "whose data is not configured is skipped (nothing materialised) with a message naming "
-        "the settings to set. With `benchmark_data.<circo|cirr>_test_annotations` set, the "
+        "evaluation computes them; also rows of the `benchmark_scores` table, and a picture of "
+        "the first queries' top 5 (`examples`, ground truths framed in green). A benchmark "
+        "whose data is not configured is skipped: nothing is materialised, and an observation "
+        "on the partition (`skipped`) names the settings to set. With "
+        "`benchmark_data.<circo|cirr>_test_annotations` set, the "
         "model also ranks the test split into the test server's submission files, written "
         "beside the scores (`benchmark_scores/<benchmark>/<model>/submission_*.json`).",
     )
@@ -182,7 +209,13 @@ def build_scores_asset(
         benchmark, model_name = keys["benchmark"], keys["model"]
         unset = benchmark_data.unset(benchmark)
         if unset:
-            context.log.warning(f"{benchmark} not scored: set {' and '.join(unset)}")
+            settings = " and ".join(unset)
+            context.log.warning(f"{benchmark} not scored: set {settings}")
+            # Seen on the partition's page; the partition stays missing, so no table or
+            # leaderboard takes it for a score, and a run once the data is set scores it.
+            context.log_event(AssetObservation(
+                context.asset_key, partition=context.partition_key,
+                metadata={"skipped": f"{benchmark} data not configured: set {settings}"}))
             return
         # Read and check the benchmark before loading a model: a missing image fails fast.
         read = REAL_BENCHMARKS.get(benchmark)
@@ -193,7 +226,8 @@ def build_scores_asset(
         submit = TEST_SPLITS[benchmark](benchmark_data) if test_unset == [] else None
         model = trained_model(mmret_clip, store)
         checkpoint = mmret_clip.get("checkpoint") or json.dumps(mmret_clip["start"])
-        with reusing_gallery_embeddings():  # CIRCO's test split ranks val's gallery
+        # CIRCO's test split ranks val's gallery; the examples are the first val queries.
+        with reusing_gallery_embeddings(), collecting_examples() as examples:
             metrics = score(model)
             submitted = _write_submissions(store, benchmark, model_name, model, submit)
         if submit:
@@ -205,8 +239,11 @@ def build_scores_asset(
             metadata={
                 **{name: float(value) for name, value in overall.items()},
                 "by_group": MetadataValue.json(
-                    {group: round(values[headline], 2) for group, values in metrics.items()}
+                    {group: round(values[headline], 2) for group, values in metrics.items()
+                     if headline in values}
                 ),
+                **({"examples": png_markdown(png_bytes(draw_examples(examples)), "top 5")}
+                   if examples else {}),
                 "checkpoint": checkpoint,
                 "table_rows": rows,
                 **submitted,

@@ -12,12 +12,16 @@ import matplotlib.pyplot as plt
 from dagster import MetadataValue
 
 
+def png_markdown(png: bytes, alt: str = "plot") -> MetadataValue:
+    """A PNG as markdown metadata (a data URI), shown inline by the UI."""
+    return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
 def _figure_markdown(fig) -> MetadataValue:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    encoded = base64.b64encode(buffer.getvalue()).decode()
-    return MetadataValue.md(f"![plot](data:image/png;base64,{encoded})")
+    return png_markdown(buffer.getvalue())
 
 
 def line_plot(
@@ -42,4 +46,23 @@ def histogram(
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.legend()
+    return _figure_markdown(fig)
+
+
+def grouped_bars(values: dict[str, dict[str, float]], *, ylabel: str, title: str
+                 ) -> MetadataValue:
+    """One group of bars per key of ``values`` (e.g. a benchmark), one bar per inner key (e.g.
+    a model), in a colour per inner key; NaN draws no bar."""
+    labels = list(dict.fromkeys(label for bars in values.values() for label in bars))
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(values)), 3))
+    for offset, label in enumerate(labels):
+        ax.bar([group + offset * width for group in range(len(values))],
+               [bars.get(label, float("nan")) for bars in values.values()], width, label=label)
+    ax.set_xticks([group + width * (len(labels) - 1) / 2 for group in range(len(values))],
+                  list(values), rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
     return _figure_markdown(fig)

@@ -154,6 +154,7 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
                 hard_negatives=negatives_per_item,
                 views=list(run.views) if run.views else training.views,
                 export_transformers=training.export_transformers,
+                triplets_fraction=run.triplets_fraction,
             )
             if training.nproc_per_node == 1:
                 result = run_training(job, log=context.log.info)

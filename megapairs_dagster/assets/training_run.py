@@ -39,6 +39,7 @@ from megapairs_dagster.retrieval import (
     MMRetTrainingSet,
     TrainConfig,
     hf_clip,
+    nested_subset,
     train_mmret,
     triplets_from_views,
 )
@@ -81,12 +82,14 @@ class TrainingJob:
     hard_negatives: int = DEFAULT_HARD_NEGATIVES  # per item, counting the query image
     views: list[str] | None = None  # train on the pairs these views mined; None: all
     export_transformers: bool = False  # also save the transformers CLIPModel layout
+    triplets_fraction: float | None = None  # a nested subset of the triplets; None: all
 
     def state_key(self) -> str:
         """Where the resumable state lives: a new start, config or data starts afresh."""
         fixed = {"run": self.run, "data": self.data, "source": self.source,
                  "config": {k: v for k, v in self.config.items() if k != "num_workers"},
-                 "hard_negatives": self.hard_negatives, "views": self.views}
+                 "hard_negatives": self.hard_negatives, "views": self.views,
+                 "triplets_fraction": self.triplets_fraction}
         digest = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
         return f"mmret_clip/{self.run}/state/{digest}/{STATE_FILE}"
 
@@ -111,10 +114,11 @@ def _training_set(job: TrainingJob, store: ArtifactStore, index: pd.DataFrame,
             f"megapairs_export holds {exported} triplets, the triplet store {len(frame)}: "
             "materialise megapairs_export after triplets, then train"
         )
-    frame = triplets_from_views(frame, job.views)
+    frame = nested_subset(triplets_from_views(frame, job.views), job.triplets_fraction)
     if frame.empty:
         raise RuntimeError(
             "no triplets in the store" + (f" mined by {job.views}" if job.views else "")
+            + (f" in a {job.triplets_fraction} subset" if job.triplets_fraction else "")
             + ": materialise `triplets` for some shards first"
         )
     captions = None
@@ -129,6 +133,7 @@ def _training_set(job: TrainingJob, store: ArtifactStore, index: pd.DataFrame,
     return dataset, {
         "triplets": len(frame),
         "views": job.views or "all",
+        "triplets_fraction": job.triplets_fraction or 1.0,
         "shards": sorted(set(frame["shard"])),
         "generation_config_hashes": sorted(set(frame["config_hash"])),
     }

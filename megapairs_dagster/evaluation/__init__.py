@@ -11,10 +11,13 @@
 - ``mmeb``: MMEB v1 (36 datasets in the official evaluation layout) and hit@1 per dataset,
   meta-task, in- and out-of-distribution.
 - ``submission``: the CIRCO and CIRR test-server files, built and validated.
-- ``datasets``: the official CIRCO, CIRR and FashionIQ data on disk (val and test splits) ->
-  queries, galleries and a checked image loader.
-- ``evaluate``: score a model exposing ``encode(images=..., text=...)`` on CIRCO-format, CIRR
-  and FashionIQ benchmarks, and rank CIRCO's and CIRR's test splits into submission files.
+- ``datasets``: the official CIRCO, CIRR and FashionIQ data on disk (val and test splits), and
+  GeneCIS's and MMEB's -> queries, galleries and a checked image loader.
+- ``evaluate``: score a model exposing ``encode(images=..., text=...)`` on CIRCO-format, CIRR,
+  FashionIQ, GeneCIS and MMEB benchmarks, and rank CIRCO's and CIRR's test splits into
+  submission files.
+- ``examples``: a picture of queries and what a model retrieves for them.
+- ``leaderboard``: every model's headline metric per benchmark, as a table.
 - ``cli``: the ``score`` command.
 """
 

@@ -1,4 +1,4 @@
-"""Official CIRCO, CIRR and FashionIQ data on disk: the annotation files, and the image files
+"""Official CIRCO, CIRR, FashionIQ, GeneCIS and MMEB data on disk: the annotation files, and the image files
 they name.
 
 Everything a scoring run reads is located and checked here, before any model is loaded: a
@@ -13,6 +13,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from megapairs_dagster.evaluation.genecis import (
+    GENECIS_TASKS,
+    GenecisQuery,
+    find_genecis_file,
+    load_genecis_image,
+    read_genecis,
+)
+from megapairs_dagster.evaluation.mmeb import MMEB_DATASETS, MmebQuery, read_mmeb_dataset
 from megapairs_dagster.evaluation.readers import (
     FASHIONIQ_CATEGORIES,
     BenchmarkInputError,
@@ -50,6 +58,13 @@ def _folder(path: str | Path) -> Path:
 def _image_loader(ids: Iterable[str], locate: Callable[[str], Path | None],
                   where: str) -> ImageLoader:
     """Open the file of an id as RGB, once every id of ``ids`` is known to have one."""
+    files = _image_files(ids, locate, where)
+    return lambda image_id: Image.open(files[image_id]).convert("RGB")
+
+
+def _image_files(ids: Iterable[str], locate: Callable[[str], Path | None],
+                 where: str) -> dict[str, Path]:
+    """The file of every id of ``ids``; a BenchmarkInputError counting the missing ones."""
     files: dict[str, Path] = {}
     missing = []
     for image_id in dict.fromkeys(ids):
@@ -62,7 +77,7 @@ def _image_loader(ids: Iterable[str], locate: Callable[[str], Path | None],
         raise BenchmarkInputError(
             f"{where}: {len(missing)} images referenced by the annotations are missing, "
             f"e.g. {missing[:5]}")
-    return lambda image_id: Image.open(files[image_id]).convert("RGB")
+    return files
 
 
 def is_test_split(split: str) -> bool:
@@ -139,3 +154,45 @@ def load_fashioniq(
               for image_id in (*galleries[category], *(q.reference_id for q in queries[category]))]
     load = _image_loader(needed, files.get, f"{folder} (<asin>.png or .jpg)")
     return queries, galleries, load
+
+
+def load_genecis(annotations: str | Path, coco_images: str | Path, vg_images: str | Path
+                 ) -> tuple[dict[str, list[GenecisQuery]], ImageLoader]:
+    """Queries of GeneCIS's four tasks, and a loader of any of their items by ``item_id``: the
+    COCO val2017 image (object tasks) or the official crop of a Visual Genome box (attribute
+    tasks), every image file checked first.
+
+    ``annotations`` holds the four ``<task>.json`` (directly or in ``genecis/``);
+    ``coco_images`` is val2017, ``vg_images`` the VG 1.2 images (``VG_100K_all``).
+    """
+    annotations = _folder(annotations)
+    queries = {task: read_genecis(find_genecis_file(annotations, task)) for task in GENECIS_TASKS}
+    items = {item.item_id: item for task_queries in queries.values() for query in task_queries
+             for item in (query.reference, query.target, *query.distractors)}
+    folders = {}
+    for is_coco, images, where in ((True, coco_images, "val2017, NNNNNNNNNNNN.jpg"),
+                                   (False, vg_images, "Visual Genome, <image_id>.jpg")):
+        folder = _folder(images)
+        names = [item.file_name for item in items.values() if (item.box is None) == is_coco]
+        _image_files(names, lambda name, folder=folder: folder / name, f"{folder} ({where})")
+        folders[is_coco] = folder
+    return queries, lambda item_id: load_genecis_image(
+        folders[items[item_id].box is None], items[item_id])
+
+
+def load_mmeb(data: str | Path, images: str | Path
+              ) -> tuple[dict[str, list[MmebQuery]], ImageLoader]:
+    """The test queries of every MMEB v1 dataset ``data`` holds (one folder per dataset, the
+    MMEB-eval layout), and a loader of their images by path relative to ``images``, every
+    image file checked first."""
+    data = _folder(data)
+    datasets = [dataset for dataset in MMEB_DATASETS if (data / dataset).is_dir()]
+    if not datasets:
+        raise BenchmarkInputError(f"{data}: none of the MMEB v1 datasets' folders is here "
+                                  f"(expected e.g. {data / 'ImageNet-1K'})")
+    queries = {dataset: read_mmeb_dataset(data, dataset) for dataset in datasets}
+    paths = [path for dataset_queries in queries.values() for query in dataset_queries
+             for path in (query.image_path, *(image for _, image in query.candidates)) if path]
+    folder = _folder(images)
+    return queries, _image_loader(paths, lambda path: folder / path,
+                                  f"{folder} (qry_img_path, tgt_img_path)")

@@ -1,9 +1,10 @@
-"""Score a retriever on CIRCO-format, CIRR and FashionIQ benchmarks: embed the gallery and the
-composed queries, rank, and compute the official metrics, overall and per query group; and rank
-CIRCO's and CIRR's test splits the same way into their servers' submission files.
+"""Score a retriever on CIRCO-format, CIRR, FashionIQ, GeneCIS and MMEB benchmarks: embed the
+gallery and the queries, rank, and compute the official metrics, overall and per query group;
+and rank CIRCO's and CIRR's test splits the same way into their servers' submission files.
 
 Every evaluator returns ``{"all": {metric: value}, <group>: {...}, ...}``, the shape
-``TripletStore.replace_scores`` stores.
+``TripletStore.replace_scores`` stores; within ``collecting_examples`` it also keeps the first
+queries it ranks, to be drawn (``examples``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+import numpy as np
 import torch
 from PIL import Image
 
+from megapairs_dagster.evaluation.examples import TOP, Candidate, RetrievalExample
+from megapairs_dagster.evaluation.genecis import GENECIS_KS, GenecisQuery, genecis_task_metrics
 from megapairs_dagster.evaluation.metrics import (
     FASHIONIQ_KS,
     circo_metrics,
@@ -23,6 +27,7 @@ from megapairs_dagster.evaluation.metrics import (
     fashioniq_metrics,
     rank_gallery,
 )
+from megapairs_dagster.evaluation.mmeb import MmebQuery, mmeb_metrics
 from megapairs_dagster.evaluation.query_text import (
     circo_query_text,
     cirr_query_text,
@@ -33,27 +38,71 @@ from megapairs_dagster.evaluation.submission import build_circo_submission, buil
 
 TOP_N = 50  # CIRCO's submission depth, and the deepest k of the CIRCO and FashionIQ metrics
 ENCODE_CHUNK = 256  # images decoded at a time, so that a large gallery never sits in memory
+EXAMPLE_QUERIES = 3  # queries drawn per scored model
+# Phi-3-V's image placeholder, which MMEB's texts carry; a CLIP text tower has no use for it.
+MMEB_IMAGE_TOKEN = "<|image_1|>"
 
 Metrics = dict[str, dict[str, float]]
 
 # Inside ``reusing_gallery_embeddings``: (model id, gallery ids) -> the gallery's embeddings.
 _GALLERY_CACHE: ContextVar[dict | None] = ContextVar("gallery_embeddings", default=None)
+# Inside ``collecting_examples``: the examples kept so far.
+_EXAMPLES: ContextVar[list[RetrievalExample] | None] = ContextVar("examples", default=None)
+
+Query = TypeVar("Query")
 
 
 class ComposedEncoder(Protocol):
     def encode(self, images=None, text=None) -> torch.Tensor: ...
 
 
-def _encode(model: ComposedEncoder, image_ids: Sequence[str],
+def _encode(model: ComposedEncoder, image_ids: Sequence[str] | None,
             load_image: Callable[[str], Image.Image],
             texts: Sequence[str] | None = None) -> torch.Tensor:
-    """Embeddings of the images, or with ``texts`` of the composed queries (image i, text i)."""
+    """Embeddings of the images, of the texts (``image_ids`` None), or of the composed queries
+    (image i, text i)."""
     chunks = []
-    for start in range(0, len(image_ids), ENCODE_CHUNK):
-        images = [load_image(image_id) for image_id in image_ids[start:start + ENCODE_CHUNK]]
+    for start in range(0, len(image_ids if image_ids is not None else texts), ENCODE_CHUNK):
+        images = None if image_ids is None else [
+            load_image(image_id) for image_id in image_ids[start:start + ENCODE_CHUNK]]
         text = None if texts is None else list(texts[start:start + ENCODE_CHUNK])
         chunks.append(model.encode(images=images, text=text))
     return torch.cat(chunks)
+
+
+@contextmanager
+def collecting_examples() -> Iterator[list[RetrievalExample]]:
+    """Within it, the evaluators put the first ``EXAMPLE_QUERIES`` queries they rank, with
+    their top candidates, into the list it yields: what ``examples.draw_examples`` draws."""
+    examples: list[RetrievalExample] = []
+    token = _EXAMPLES.set(examples)
+    try:
+        yield examples
+    finally:
+        _EXAMPLES.reset(token)
+
+
+def _keep_examples(queries: Sequence[Query],
+                   describe: Callable[[Query], RetrievalExample]) -> None:
+    examples = _EXAMPLES.get()
+    if examples is not None:
+        room = max(0, EXAMPLE_QUERIES - len(examples))
+        examples.extend(describe(query) for query in queries[:room])
+
+
+def _keep_cir_examples(queries: Sequence[CirQuery], rankings: Mapping[str, Sequence[str]],
+                       query_text: Callable[[CirQuery], str],
+                       load_image: Callable[[str], Image.Image],
+                       drop_reference: bool = False) -> None:
+    def describe(query: CirQuery) -> RetrievalExample:
+        ranked = [image_id for image_id in rankings[query.query_id]
+                  if not (drop_reference and image_id == query.reference_id)]
+        return RetrievalExample(
+            load_image(query.reference_id), query_text(query),
+            [Candidate(load_image(image_id), image_id, image_id in query.ground_truth_ids)
+             for image_id in ranked[:TOP]])
+
+    _keep_examples(queries, describe)
 
 
 @contextmanager
@@ -109,6 +158,7 @@ def evaluate_circo_format(
     The reference image stays in the gallery, as CIRCO's evaluation keeps it.
     """
     rankings = _rank(model, queries, circo_query_text, gallery_ids, load_image, TOP_N)
+    _keep_cir_examples(queries, rankings, circo_query_text, load_image)
     results = {"all": circo_metrics(queries, rankings)}
     for group in sorted(set((groups or {}).values())):
         members = [query for query in queries if groups[query.query_id] == group]
@@ -129,6 +179,7 @@ def evaluate_cirr(
     members ranked lower).
     """
     rankings = _rank(model, queries, cirr_query_text, gallery_ids, load_image, None)
+    _keep_cir_examples(queries, rankings, cirr_query_text, load_image, drop_reference=True)
     return {"all": cirr_metrics(queries, rankings)}
 
 
@@ -148,11 +199,126 @@ def evaluate_fashioniq(
                         load_image, TOP_N)
         for category, queries in queries_by_category.items()
     }
+    for category, queries in queries_by_category.items():
+        _keep_cir_examples(queries, rankings[category], fashioniq_query_text, load_image)
     scores = fashioniq_metrics(queries_by_category, rankings)
     results = {"all": {**{f"R@{k}": scores[f"avg/R@{k}"] for k in FASHIONIQ_KS},
                        "avg": scores["avg"]}}
     for category in queries_by_category:
         results[category] = {f"R@{k}": scores[f"{category}/R@{k}"] for k in FASHIONIQ_KS}
+    return results
+
+
+def _ranked_by_score(scores: torch.Tensor) -> list[int]:
+    """Indices best first; equal scores keep their order (the lower index first)."""
+    return torch.sort(scores, descending=True, stable=True).indices.tolist()
+
+
+def evaluate_genecis(
+    model: ComposedEncoder,
+    queries_by_task: Mapping[str, Sequence[GenecisQuery]],
+    load_item: Callable[[str], Image.Image],
+) -> Metrics:
+    """``{"all": {R@1, R@2, R@3}, <task>: {R@1, R@2, R@3}}``, "all" holding the mean over the
+    four tasks (GeneCIS's "Average R@k"; empty unless all four are given).
+
+    The query is the reference (an attribute task's: its cropped box, as ``load_item`` gives
+    it) composed with the condition; each query ranks its own gallery, the target and its
+    distractors, by cosine similarity, equal scores in gallery order (the target first), as
+    the official evaluation sorts them.
+    """
+    rankings_by_task = {}
+    for task, queries in queries_by_task.items():
+        item_ids = list(dict.fromkeys(item_id for query in queries
+                                      for item_id in query.gallery_ids))
+        row = {item_id: index for index, item_id in enumerate(item_ids)}
+        gallery = _encode(model, item_ids, load_item)
+        composed = _encode(model, [query.reference.item_id for query in queries], load_item,
+                           [query.condition for query in queries])
+        rankings = {}
+        for query, vector in zip(queries, composed):
+            ids = query.gallery_ids
+            order = _ranked_by_score(gallery[[row[item_id] for item_id in ids]] @ vector)
+            rankings[query.query_id] = [ids[index] for index in order]
+        rankings_by_task[task] = rankings
+        _keep_examples(queries, lambda query, rankings=rankings: RetrievalExample(
+            load_item(query.reference.item_id), query.condition,
+            [Candidate(load_item(item_id), item_id, item_id == query.target.item_id)
+             for item_id in rankings[query.query_id][:TOP]]))
+    scores = genecis_task_metrics(queries_by_task, rankings_by_task)
+    results = {"all": {f"R@{k}": scores[f"avg/R@{k}"] for k in GENECIS_KS
+                       if f"avg/R@{k}" in scores}}
+    for task in queries_by_task:
+        results[task] = {f"R@{k}": scores[f"{task}/R@{k}"] for k in GENECIS_KS}
+    return results
+
+
+def _mmeb_text(text: str) -> str:
+    return text.replace(MMEB_IMAGE_TOKEN, "").strip()
+
+
+def _mmeb_shown(text: str, image: str, load_image: Callable[[str], Image.Image]
+                ) -> tuple[Image.Image | None, str]:
+    """What an MMEB input shows: its image (None for text only) and its text."""
+    return (load_image(image) if image else None), _mmeb_text(text)
+
+
+def _encode_mixed(model: ComposedEncoder, inputs: Sequence[tuple[str, str]],
+                  load_image: Callable[[str], Image.Image]) -> torch.Tensor:
+    """Embeddings of (text, image path) inputs: composed when both are given, else the
+    image's or the text's (an input with neither embeds the empty text)."""
+    kinds: dict[tuple[bool, bool], list[int]] = {}
+    for index, (text, image) in enumerate(inputs):
+        kinds.setdefault((bool(text) or not image, bool(image)), []).append(index)
+    rows: list[torch.Tensor | None] = [None] * len(inputs)
+    for (has_text, has_image), indices in kinds.items():
+        embeddings = _encode(model, [inputs[i][1] for i in indices] if has_image else None,
+                             load_image, [inputs[i][0] for i in indices] if has_text else None)
+        for index, embedding in zip(indices, embeddings):
+            rows[index] = embedding
+    return torch.stack(rows)
+
+
+def evaluate_mmeb(
+    model: ComposedEncoder,
+    queries_by_dataset: Mapping[str, Sequence[MmebQuery]],
+    load_image: Callable[[str], Image.Image],
+) -> Metrics:
+    """``{"all": {hit@1}, <dataset or group>: {hit@1}}``: hit@1 (P@1) per dataset and the
+    means of each complete group (meta-task, ind, ood); "all" is the overall mean over the 36
+    datasets (empty unless all are given).
+
+    A query is its text (without MMEB's image placeholder) and its image when it has one, a
+    candidate likewise; inputs are embedded once per (text, image path), as the official
+    evaluation keys them, and each query chooses the best of its candidates, the lowest index
+    on equal scores (``np.argmax``).
+    """
+    predictions = {}
+    for dataset, queries in queries_by_dataset.items():
+        keys = list(dict.fromkeys(key for query in queries
+                                  for key in ((query.text, query.image_path), *query.candidates)))
+        row = {key: index for index, key in enumerate(keys)}
+        embeddings = _encode_mixed(model, [(_mmeb_text(text), image) for text, image in keys],
+                                   load_image)
+        scores = {query.query_id: (embeddings[[row[key] for key in query.candidates]]
+                                   @ embeddings[row[(query.text, query.image_path)]])
+                  for query in queries}
+        predictions[dataset] = {query_id: int(np.argmax(values.numpy()))
+                                for query_id, values in scores.items()}
+
+        def describe(query: MmebQuery, scores=scores) -> RetrievalExample:
+            return RetrievalExample(
+                *_mmeb_shown(query.text, query.image_path, load_image),
+                [Candidate(*_mmeb_shown(*query.candidates[index], load_image),
+                           query.is_correct(index))
+                 for index in _ranked_by_score(scores[query.query_id])[:TOP]])
+
+        _keep_examples(queries, describe)
+    scores = mmeb_metrics(queries_by_dataset, predictions)
+    results = {"all": {"hit@1": scores["overall/hit@1"]} if "overall/hit@1" in scores else {}}
+    for name, value in scores.items():
+        if not name.startswith("overall/"):
+            results[name.removesuffix("/hit@1")] = {"hit@1": value}
     return results
 
 

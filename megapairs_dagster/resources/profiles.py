@@ -12,6 +12,7 @@ from ``MEGAPAIRS_EXECUTOR``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,9 @@ class TrainingRun:
     ``data="none"`` trains nothing: the start model itself, scored as the zero-shot baseline.
     ``max_steps``, ``hard_negatives`` and ``views`` override the ``training`` resource's
     settings for this run, so a deployment can hold the paper's sizes and its ablations
-    (Table 4: hard negatives; Table 5: which views' pairs) side by side.
+    (Table 4: hard negatives; Table 5: which views' pairs) side by side;
+    ``triplets_fraction`` trains on a nested subset of the triplets (Fig. 2's scaling curve)
+    for the same number of steps.
     """
 
     start: str = BASE_ENCODER
@@ -85,6 +88,8 @@ class TrainingRun:
     max_steps: int | None = None
     hard_negatives: str | None = None  # a key of HARD_NEGATIVE_MODES
     views: tuple[str, ...] | None = None  # train on the pairs these views mined
+    # train on a nested subset of the triplets (a scaling curve's point): see nested_subset
+    triplets_fraction: float | None = None
 
     def __post_init__(self):
         if self.data not in ("triplets", "captions", "none"):
@@ -98,6 +103,8 @@ class TrainingRun:
             if unknown or not self.views:
                 raise ValueError(f"views must be a non-empty subset of {sorted(VIEWS)}, "
                                  f"got {list(self.views)}")
+        if self.triplets_fraction is not None and not 0 < self.triplets_fraction <= 1:
+            raise ValueError(f"triplets_fraction must be in (0, 1], got {self.triplets_fraction}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
 
@@ -119,6 +126,73 @@ PAPER_RUNS = {
     "base": TrainingRun("ViT-B-16", "openai", max_steps=15_000),
     "large": TrainingRun("ViT-L-14", "openai", max_steps=25_000),
 }
+PRIMARY_RUN = {"demo": DEMO_SEEDS[0], "paper": "base"}  # what the studies vary
+
+
+@dataclass(frozen=True)
+class Study:
+    """Training runs compared along one axis, each point trained once per seed: the paper's
+    Fig. 2 (score vs training triplets), Table 5 (which views' pairs) and Table 4 (hard
+    negatives). ``points`` maps a point's label to its runs, one per seed."""
+
+    title: str
+    axis: str
+    points: dict[str, tuple[str, ...]]
+
+    @property
+    def runs(self) -> list[str]:
+        return [run for runs in self.points.values() for run in runs]
+
+
+STUDIES_ENV = "MEGAPAIRS_STUDIES"  # how many seeds the studies train; unset or 0: no studies
+# Fig. 2's points, as fractions of the triplets (nested subsets, the same steps each).
+SCALING_FRACTIONS = {"1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4, "1/2": 1 / 2}
+# Table 5's mining views by the paper's letters: D(INOv2) image, (CLIP) I(mage), T(ext).
+VIEW_LETTERS = {"D": "dino_image", "I": "clip_image", "T": "clip_caption"}
+VIEW_COMBINATIONS = ("D", "I", "T", "D+I", "D+T", "I+T")
+# Table 4's points, by HARD_NEGATIVE_MODES key.
+HARD_NEGATIVE_LABELS = {"none": "none", "query": "query only", "query_and_mined": "query + mined"}
+
+
+def with_studies(
+    runs: dict[str, TrainingRun], primary: str, seeds: int, default_hard_negatives: str,
+) -> tuple[dict[str, TrainingRun], dict[str, Study]]:
+    """``runs`` plus the studies' runs, each a variant of ``primary`` (whose own seeds,
+    ``primary``, ``primary_seed1``..., are every study's full-data, all-views, default point)."""
+    if seeds < 1:
+        raise ValueError(f"{STUDIES_ENV} is the number of seeds per study point, got {seeds}")
+    base = runs[primary]
+    added = dict(runs)
+
+    def point(name: str, **changes) -> tuple[str, ...]:
+        names = tuple(name if k == 0 else f"{name}_seed{k}" for k in range(seeds))
+        for k, run_name in enumerate(names):
+            added[run_name] = dataclasses.replace(
+                base, seed_offset=base.seed_offset + k, **changes)
+        return names
+
+    full = tuple(primary if k == 0 else f"{primary}_seed{k}" for k in range(seeds))
+    missing = [name for name in full if name not in runs]
+    if missing:
+        raise ValueError(f"the studies compare against {primary}'s seeds, but the deployment "
+                         f"has no run {missing}")
+    scaling = {label: point(f"frac_{label.replace('/', '_')}", triplets_fraction=fraction)
+               for label, fraction in SCALING_FRACTIONS.items()}
+    views = {label: point(f"views_{label.replace('+', '')}",
+                          views=tuple(VIEW_LETTERS[v] for v in label.split("+")))
+             for label in VIEW_COMBINATIONS}
+    negatives = {label: full if mode == default_hard_negatives
+                 else point(f"hn_{mode}", hard_negatives=mode)
+                 for mode, label in HARD_NEGATIVE_LABELS.items()}
+    studies = {
+        "scaling_curve": Study("score vs training triplets (paper Fig. 2)", "triplets",
+                               {"0": (BASE_ENCODER,), **scaling, "1": full}),
+        "view_ablation": Study("mining views (paper Table 5)", "views",
+                               {**views, "D+I+T": full}),
+        "hard_negative_ablation": Study("hard negatives (paper Table 4)", "hard negatives",
+                                        negatives),
+    }
+    return added, studies
 
 
 @dataclass(frozen=True)
@@ -128,6 +202,7 @@ class Deployment:
     training_runs: dict[str, TrainingRun]
     executor: str = "in_process"
     config_file: str | None = field(default=None)
+    studies: dict[str, Study] = field(default_factory=dict)
 
     def executor_definition(self) -> ExecutorDefinition:
         if self.executor == "in_process":
@@ -283,6 +358,11 @@ def load_deployment(
         data = read_config_file(config_file)
         settings = _merge_resources(settings, data.get("resources"), str(config_file))
         runs = _merge_runs(runs, data.get("training_runs"), str(config_file))
+    studies: dict[str, Study] = {}
+    seeds = int(os.environ.get(STUDIES_ENV) or 0)
+    if seeds:
+        runs, studies = with_studies(runs, PRIMARY_RUN[profile], seeds,
+                                     settings["training"].get("hard_negatives", "query_and_mined"))
     executor = os.environ.get("MEGAPAIRS_EXECUTOR") or DEFAULT_EXECUTOR[profile]
     if executor not in EXECUTORS:
         raise ValueError(f"MEGAPAIRS_EXECUTOR={executor!r}; expected one of {EXECUTORS}")
@@ -290,7 +370,7 @@ def load_deployment(
         key: RESOURCE_TYPES[key](**settings.get(key, {})) for key in RESOURCE_TYPES
     }
     resources["io_manager"] = ArtifactIOManager(store=resources["store"])
-    return Deployment(profile, resources, runs, executor, config_file)
+    return Deployment(profile, resources, runs, executor, config_file, studies)
 
 
 def resources_for(profile: str | None = None, home: str | None = None) -> dict:

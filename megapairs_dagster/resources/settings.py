@@ -217,8 +217,9 @@ class Generation(ConfigurableResource):
 class BenchmarkData(ConfigurableResource):
     """Where the real benchmarks live; a benchmark whose paths are unset is skipped.
 
-    Each benchmark has a ``<benchmark>_annotations`` and a ``<benchmark>_images`` setting.
-    CIRCO and CIRR also have ``<benchmark>_test_annotations``: set, ``benchmark_scores`` also
+    A benchmark is scored once all its ``<benchmark>_...`` settings are set (annotations and
+    images; GeneCIS has two image folders). CIRCO and CIRR also have
+    ``<benchmark>_test_annotations``, not needed to score: set, ``benchmark_scores`` also
     writes the test server's submission files; unset, it writes none and says so.
     """
 
@@ -255,12 +256,32 @@ class BenchmarkData(ConfigurableResource):
     fashioniq_images: str | None = unversioned(
         None, description="Folder of the FashionIQ images (<asin>.png or <asin>.jpg)."
     )
+    genecis_annotations: str | None = unversioned(
+        None, description="Folder with GeneCIS's focus_attribute.json, change_attribute.json, "
+        "focus_object.json and change_object.json (directly or in genecis/, as the GeneCIS "
+        "repository has them).",
+    )
+    genecis_coco_images: str | None = unversioned(
+        None, description="COCO's val2017 folder (000000153527.jpg): the object tasks' images."
+    )
+    genecis_vg_images: str | None = unversioned(
+        None, description="Visual Genome 1.2's images, both parts in one folder (VG_100K_all/"
+        "2365581.jpg): the attribute tasks crop their boxes from them.",
+    )
+    mmeb_data: str | None = unversioned(
+        None, description="MMEB-eval as the Hugging Face repository lays it out: one folder per "
+        "dataset with test-*.parquet. Every MMEB v1 dataset found there is scored; the overall "
+        "score needs all 36.",
+    )
+    mmeb_images: str | None = unversioned(
+        None, description="The folder MMEB's qry_img_path / tgt_img_path are relative to (the "
+        "repository's images.zip unpacked, eval_images/).",
+    )
 
     def unset(self, benchmark: str) -> list[str]:
         """The settings still to set before ``benchmark`` can be scored (the demo needs none)."""
-        if benchmark == "demo_cir":
-            return []
-        names = (f"{benchmark}_annotations", f"{benchmark}_images")
+        names = [name for name in type(self).model_fields
+                 if name.startswith(f"{benchmark}_") and not name.endswith("_test_annotations")]
         return [f"benchmark_data.{name}" for name in names if not getattr(self, name)]
 
     def unset_test(self, benchmark: str) -> list[str] | None:

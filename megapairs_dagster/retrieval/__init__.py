@@ -8,6 +8,7 @@ from .data import (
     ImagePixels,
     MMRetTrainingSet,
     PairExample,
+    nested_subset,
     triplets_from_views,
 )
 from .loss import composed_infonce, training_loss
@@ -29,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "TrainReport",
     "composed_infonce",
+    "nested_subset",
     "train_mmret",
     "training_loss",
     "triplets_from_views",

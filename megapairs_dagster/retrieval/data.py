@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -47,6 +48,22 @@ def triplets_from_views(frame, views: Collection[str] | None):
         return frame
     wanted = set(views)
     return frame[[bool(wanted & set(found or ())) for found in frame["views"]]].reset_index(drop=True)
+
+
+def nested_subset(frame, fraction: float | None):
+    """The triplets whose (query, target) pair hashes below ``fraction`` (all when None).
+
+    A pair's hash does not depend on the other rows, so a smaller fraction's subset lies
+    inside every larger one's, and the points of a scaling curve differ only by the data
+    added. pandas' row hash uses a fixed key: the same pairs on every machine and run.
+    """
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"triplets_fraction must be in (0, 1], got {fraction}")
+    if fraction is None or fraction == 1:
+        return frame
+    hashes = pd.util.hash_pandas_object(frame[["query_id", "target_id"]], index=False)
+    threshold = np.uint64(int(fraction * 2**64))
+    return frame[hashes.to_numpy() < threshold].reset_index(drop=True)
 
 
 @dataclass(frozen=True)
