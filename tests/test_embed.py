@@ -3,6 +3,9 @@ import pytest
 import torch
 from synthetic_shapes import captioned_shapes
 
+from megapairs_dagster.demo.corpus import shard_samples
+from megapairs_dagster.demo.render import jpeg_bytes, render_scene
+from megapairs_dagster.synthesis.decode import split_preprocess
 from megapairs_dagster.synthesis.embed import embed_images, embed_texts
 from megapairs_dagster.synthesis.encoders import build_demo_dino, load_clip, load_dino
 
@@ -81,3 +84,18 @@ def test_empty_inputs_give_empty_matrices(clip, dino):
     assert embed_images(dino, []).vectors.shape == (0, 128)
     empty_text = embed_texts(clip[1], [])
     assert empty_text.vectors.shape == (0, 128) and empty_text.vectors.dtype == np.float16
+
+
+def test_embed_images_decodes_large_jpegs_at_reduced_scale(clip):
+    """128 px JPEGs for a 64 px model go through synthesis.decode's reduced-DCT path, in the
+    DataLoader workers, and match that decoder's pixels encoded directly."""
+    image_encoder = clip[0]
+    jpegs = [jpeg_bytes(render_scene(s["scene"], np.random.default_rng(i)))
+             for i, s in enumerate(shard_samples(seed=0, shard_index=0, images_per_shard=6))]
+    split = split_preprocess(image_encoder.preprocess)
+    with torch.inference_mode():
+        direct = torch.nn.functional.normalize(
+            image_encoder.encode(split.to_tensor([split.decode(data) for data in jpegs])), dim=-1
+        ).numpy()
+    result = embed_images(image_encoder, jpegs, batch_size=4, num_workers=1)
+    np.testing.assert_allclose(result.vectors.astype(np.float32), direct, atol=2e-3)

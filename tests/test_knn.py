@@ -15,6 +15,7 @@ from megapairs_dagster.synthesis.knn import (
 
 GB = 1 << 30
 MB = 1 << 20
+REFINED_PQ8 = "IVF512,PQ8,Refine(SQfp16)"
 
 
 def clustered_vectors(num_vectors: int, dim: int, num_clusters: int, seed: int) -> np.ndarray:
@@ -44,7 +45,7 @@ def clustered() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def built(clustered) -> dict[str, faiss.Index]:
-    specs = ["Flat", "HNSW32", "IVF512,Flat", "IVF512,PQ8"]
+    specs = ["Flat", "HNSW32", "IVF512,Flat", "IVF512,PQ8", REFINED_PQ8]
     return {spec: build_index(clustered, spec) for spec in specs}
 
 
@@ -56,13 +57,17 @@ def built(clustered) -> dict[str, faiss.Index]:
         (50_000, 512, GB, "HNSW32"),
         (99_999, 512, 4 * GB, "HNSW32"),
         (200_000, 512, 4 * GB, "IVF2048,Flat"),
-        (200_000, 512, 300 * MB, "IVF2048,PQ64"),
+        # float32 vectors do not fit, PQ codes plus float16 vectors do: re-ranked IVF-PQ
+        (200_000, 512, 300 * MB, "IVF2048,PQ64,Refine(SQfp16)"),
+        (200_000, 512, 200 * MB, "IVF2048,PQ64"),
+        (1_000_000, 64, 200 * MB, "IVF4096,PQ32,Refine(SQfp16)"),
         (2_000_000, 512, 16 * GB, "IVF4096,Flat"),
         (10_000_000, 512, GB, "IVF16384,PQ64"),
         (10_000_000, 512, 200 * MB, "IVF16384,PQ8"),
         (10_000_000, 768, 200 * MB, "IVF16384,PQ6"),
         # small collection over budget: nlist capped at 5000 // 39 -> 128 lists
-        (5_000, 64, MB, "IVF128,PQ64"),
+        (5_000, 64, MB, "IVF128,PQ32,Refine(SQfp16)"),
+        (5_000, 64, 800_000, "IVF128,PQ64"),
     ],
 )
 def test_choose_index_spec(num_vectors, dim, budget, expected):
@@ -88,7 +93,8 @@ def test_choose_index_spec_rejects_impossible_inputs(num_vectors, dim, budget):
 
 
 @pytest.mark.parametrize(
-    ("budget", "expected"), [(GB, "Flat"), (140_000, "IVF64,PQ8")]
+    ("budget", "expected"),
+    [(GB, "Flat"), (600_000, "IVF64,PQ32,Refine(SQfp16)"), (140_000, "IVF64,PQ8")],
 )
 def test_chosen_specs_build_on_small_data_and_memory_estimate_holds(budget, expected):
     vectors = clustered_vectors(3_000, 64, num_clusters=50, seed=2)
@@ -100,7 +106,7 @@ def test_chosen_specs_build_on_small_data_and_memory_estimate_holds(budget, expe
     assert 0.7 < index_memory_bytes(spec, 3_000, 64) / actual < 1.3
 
 
-@pytest.mark.parametrize("spec", ["HNSW32", "IVF512,Flat", "IVF512,PQ8"])
+@pytest.mark.parametrize("spec", ["HNSW32", "IVF512,Flat", "IVF512,PQ8", REFINED_PQ8])
 def test_memory_estimate_matches_serialized_size(built, spec):
     actual = len(serialize_index(built[spec]))
     assert 0.7 < index_memory_bytes(spec, 20_000, 64) / actual < 1.3
@@ -116,10 +122,23 @@ def test_memory_estimate_matches_serialized_size(built, spec):
         # cluster: recall plateaus at ~0.64 whatever nprobe (PQ16 reaches ~0.78 but its
         # 4-dim sub-quantizers take faiss ~20 s to train). Realistic lower bound:
         ("IVF512,PQ8", 0.55),
+        # the same codes' short list re-ranked with the float16 vectors
+        (REFINED_PQ8, 0.95),
     ],
 )
 def test_recall_on_clustered_data(built, clustered, spec, minimum):
     assert recall_at_k(built[spec], clustered, k=20, sample_size=1000, seed=3) >= minimum
+
+
+def test_reranking_beats_the_same_ivf_pq_alone(built, clustered):
+    refined = built[REFINED_PQ8]
+    assert isinstance(refined, faiss.IndexRefine)
+    alone = faiss.downcast_index(refined.base_index)  # same codes and nprobe, no re-ranking
+    queries = clustered[:300].astype(np.float32)
+    exact = np.argsort(-(queries @ clustered.astype(np.float32).T), axis=1)[:, :20]
+    recall_alone = label_recall(alone.search(queries, 20)[1], exact)
+    recall_refined = label_recall(refined.search(queries, 20)[1], exact)
+    assert recall_refined >= 0.95 and recall_refined > recall_alone + 0.2
 
 
 def test_tuning_picks_a_useful_nprobe_and_explicit_values_win(built, clustered):
@@ -193,7 +212,7 @@ def test_search_neighbors_without_queries_returns_empty_frame():
     assert len(result) == 0
 
 
-@pytest.mark.parametrize("spec", ["HNSW32", "IVF512,Flat", "IVF512,PQ8"])
+@pytest.mark.parametrize("spec", ["HNSW32", "IVF512,Flat", "IVF512,PQ8", REFINED_PQ8])
 def test_serialize_round_trip_keeps_results_and_search_parameters(built, clustered, spec):
     index = built[spec]
     restored = deserialize_index(serialize_index(index))
@@ -205,6 +224,8 @@ def test_serialize_round_trip_keeps_results_and_search_parameters(built, cluster
     else:
         nprobe = faiss.extract_index_ivf(index).nprobe
         assert nprobe > 1 and faiss.extract_index_ivf(restored).nprobe == nprobe
+    if spec == REFINED_PQ8:
+        assert restored.k_factor == index.k_factor
 
 
 def test_bad_inputs_raise_clear_errors(built, clustered):

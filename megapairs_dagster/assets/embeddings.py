@@ -43,7 +43,10 @@ def build_embeddings_asset(view: str) -> AssetsDefinition:
         partitions_def=shards,
         group_name="ingest_and_embed",
         ins={"corpus_images": AssetIn(), "base_encoders": AssetIn()},
-        code_version="1",  # the encoder comes from base_encoders: no settings of its own
+        # The encoder comes from base_encoders: no settings of its own. Image views' 2: JPEGs
+        # larger than twice the model's input are decoded at a reduced DCT scale
+        # (synthesis/decode.py), which moves pixels by ~1 grey level on average.
+        code_version="1" if view == "clip_caption" else "2",
         automation_condition=per_shard(global_deps=["base_encoders"]),
         description=f"L2-normalised float16 {VIEWS[view]} embeddings, row-aligned with "
         "corpus_images.",

@@ -1,7 +1,9 @@
 """Batched embedding of JPEG bytes and captions into L2-normalised float16 matrices.
 
 JPEG decoding and preprocessing run in DataLoader workers so that they overlap the model's
-forward pass; vectors are normalised in float32 and only then stored as float16.
+forward pass; the encoder's preprocess is split by ``synthesis.decode`` so that workers
+decode at a reduced DCT scale and normalise whole batches. Vectors are normalised in float32
+and only then stored as float16.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from megapairs_dagster.synthesis.decode import BatchPreprocess, split_preprocess
 from megapairs_dagster.synthesis.encoders import ImageEncoder, TextEncoder
 
 Progress = Callable[[int, int], None]
@@ -35,16 +38,26 @@ class EmbeddingResult:
 
 
 class _DecodedJpegs(Dataset):
-    """Decodes and preprocesses one image per item, inside a DataLoader worker."""
+    """Decodes one image per item inside a DataLoader worker: to uint8 pixels when the
+    preprocess splits (the worker's collate then normalises the batch), else through the
+    preprocess itself."""
 
-    def __init__(self, jpegs: Sequence[bytes], preprocess: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self,
+        jpegs: Sequence[bytes],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        split: BatchPreprocess | None,
+    ):
         self.jpegs = jpegs
         self.preprocess = preprocess
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.jpegs)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | np.ndarray:
+        if self.split is not None:
+            return self.split.decode(self.jpegs[index])
         with Image.open(io.BytesIO(self.jpegs[index])) as image:
             return self.preprocess(image.convert("RGB"))
 
@@ -88,10 +101,12 @@ def embed_images(
     if len(jpegs) == 0:
         return EmbeddingResult(vectors, time.perf_counter() - start)
     workers = min(num_workers, len(jpegs))
+    split = split_preprocess(encoder.preprocess)
     loader = DataLoader(
-        _DecodedJpegs(jpegs, encoder.preprocess),
+        _DecodedJpegs(jpegs, encoder.preprocess, split),
         batch_size=batch_size,
         shuffle=False,
+        collate_fn=split.to_tensor if split is not None else None,
         num_workers=workers,
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,

@@ -3,7 +3,8 @@
 Similarity is the inner product (cosine, since the vectors are normalised). Embeddings
 arrive as float16 and are converted to float32 one batch at a time, so a 10^7-vector
 collection never needs a float32 copy of everything. Index types are faiss
-``index_factory`` strings: ``Flat``, ``HNSW{M}``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{m}``.
+``index_factory`` strings: ``Flat``, ``HNSW{M}``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{m}``
+and ``IVF{nlist},PQ{m},Refine(SQfp16)`` (IVF-PQ's short list re-ranked exactly).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ MIN_TRAIN_POINTS_PER_CENTROID = 39
 # keeps a 10^8 collection under 8 GB of codes.
 MAX_PQ_SUBQUANTIZERS = 64
 PQ_CENTROIDS_PER_SUBQUANTIZER = 256  # 8-bit codes
+# With exact re-ranking the PQ codes only have to get the true neighbours into the short
+# list of k_factor * k candidates: one byte per REFINE_DIMS_PER_CODE dimensions (at most
+# MAX_PQ_SUBQUANTIZERS), k_factor tuned from REFINE_K_FACTOR up. On 1M x 64 clustered vectors
+# PQ32 with a 2k short list gave recall@20 0.975 at >100x exact speed (its codes alone: 0.80);
+# PQ16 stayed at 0.91 even with an 8k one (docs/benchmarks/knn.md).
+REFINE_DIMS_PER_CODE = 2
+REFINE_K_FACTOR = 2
+MAX_REFINE_K_FACTOR = 64
+REFINED = ",Refine(SQfp16)"
 
 # Default search parameters are tuned after building until recall@TUNING_K reaches
 # TARGET_RECALL + TUNING_MARGIN on a sample; the margin absorbs sampling error.
@@ -50,6 +60,7 @@ _SPEC_PATTERNS = {
     "hnsw": re.compile(r"HNSW(?P<m>\d+)"),
     "ivf_flat": re.compile(r"IVF(?P<nlist>\d+),Flat"),
     "ivf_pq": re.compile(r"IVF(?P<nlist>\d+),PQ(?P<m>\d+)"),
+    "ivf_pq_refine": re.compile(r"IVF(?P<nlist>\d+),PQ(?P<m>\d+),Refine\(SQfp16\)"),
 }
 
 
@@ -60,8 +71,8 @@ def _parse_spec(spec: str) -> tuple[str, dict[str, int]]:
         if match:
             return kind, {name: int(value) for name, value in match.groupdict().items()}
     raise ValueError(
-        f"unsupported index spec {spec!r}; expected Flat, HNSW<M>, IVF<nlist>,Flat "
-        "or IVF<nlist>,PQ<m>"
+        f"unsupported index spec {spec!r}; expected Flat, HNSW<M>, IVF<nlist>,Flat, "
+        "IVF<nlist>,PQ<m> or IVF<nlist>,PQ<m>,Refine(SQfp16)"
     )
 
 
@@ -71,7 +82,8 @@ def index_memory_bytes(spec: str, num_vectors: int, dim: int) -> int:
     Flat stores float32 vectors; HNSW adds 2*M int32 links per vector on its base layer
     (upper layers add ~1/M of that); IVF stores an int64 id per vector plus the float32
     coarse centroids; PQ stores m one-byte codes per vector plus 256 float32 centroids
-    per sub-quantizer. Used by :func:`choose_index_spec` and reported by the speed measurements (bench/knn.py).
+    per sub-quantizer; Refine(SQfp16) adds the float16 vectors (2 bytes per dimension) that
+    re-rank the short list. Used by :func:`choose_index_spec` and reported by the speed measurements (bench/knn.py).
     """
     kind, sizes = _parse_spec(spec)
     raw_vector = 4 * dim
@@ -84,7 +96,8 @@ def index_memory_bytes(spec: str, num_vectors: int, dim: int) -> int:
     if kind == "ivf_flat":
         return num_vectors * (raw_vector + 8) + centroids
     codebooks = PQ_CENTROIDS_PER_SUBQUANTIZER * raw_vector
-    return num_vectors * (sizes["m"] + 8) + centroids + codebooks
+    refine = num_vectors * 2 * dim if kind == "ivf_pq_refine" else 0
+    return num_vectors * (sizes["m"] + 8) + centroids + codebooks + refine
 
 
 def ivf_list_count(num_vectors: int) -> int:
@@ -110,8 +123,12 @@ def choose_index_spec(num_vectors: int, dim: int, memory_budget_bytes: int) -> s
        recall@20 0.991 and half the build time; HNSW32 2.4x at 0.939).
     3. ``IVF{nlist},Flat`` when the raw float32 vectors fit; nlist = 4*sqrt(n) rounded to
        a power of two, halved until every list has >= 39 training points.
-    4. ``IVF{nlist},PQ{m}`` with 8-bit codes, m the largest divisor of dim (<= 64) that
-       fits: compresses each vector to m bytes when raw vectors do not fit.
+    4. ``IVF{nlist},PQ{m},Refine(SQfp16)`` when IVF-PQ codes plus the float16 vectors
+       fit (about half of IVF-Flat's float32): m = dim/2 bytes (<= 64) find a short list
+       of a few k candidates, which the float16 vectors re-rank exactly; plain IVF-PQ
+       plateaus below the recall target (docs/benchmarks/knn.md).
+    5. ``IVF{nlist},PQ{m}`` with 8-bit codes, m the largest divisor of dim (<= 64) that
+       fits: compresses each vector to m bytes when not even float16 vectors fit.
 
     Raises ValueError for non-positive sizes or a budget too small even for ``PQ1``.
     """
@@ -129,6 +146,11 @@ def choose_index_spec(num_vectors: int, dim: int, memory_budget_bytes: int) -> s
     nlist = ivf_list_count(num_vectors)
     if fits(f"IVF{nlist},Flat"):
         return f"IVF{nlist},Flat"
+    limit = min(MAX_PQ_SUBQUANTIZERS, max(1, dim // REFINE_DIMS_PER_CODE))
+    refine_m = max(m for m in range(1, limit + 1) if dim % m == 0)
+    refined = f"IVF{nlist},PQ{refine_m}{REFINED}"
+    if fits(refined):
+        return refined
     for m in range(min(dim, MAX_PQ_SUBQUANTIZERS), 0, -1):
         if dim % m == 0 and fits(f"IVF{nlist},PQ{m}"):
             return f"IVF{nlist},PQ{m}"
@@ -206,36 +228,42 @@ def recall_at_k(
     return _search_recall(index, queries, _exact_neighbors(vectors, queries, min(k, len(vectors))))
 
 
-def _search_parameter(index: faiss.Index) -> tuple[str, int] | None:
-    """The (name, upper bound) of the knob that trades speed for recall, if any."""
+def _search_knobs(index: faiss.Index) -> list[tuple[str, int, int]]:
+    """(faiss parameter name, first value, upper bound) of each knob that trades speed for
+    recall: efSearch (HNSW), nprobe (IVF), and the short list's k_factor (refined IVF-PQ)."""
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
-        return "efSearch", MAX_EF_SEARCH
+        return [("efSearch", 16, MAX_EF_SEARCH)]
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        return "nprobe", ivf.nlist
-    return None
+    knobs = [] if ivf is None else [("nprobe", 1, ivf.nlist)]
+    if isinstance(index, faiss.IndexRefine):
+        knobs.append(("k_factor_rf", REFINE_K_FACTOR, MAX_REFINE_K_FACTOR))
+    return knobs
 
 
-def _tune_search_parameter(index: faiss.Index, vectors: np.ndarray, seed: int) -> None:
-    """Double nprobe/efSearch until the recall target is met or recall plateaus."""
-    knob = _search_parameter(index)
-    if knob is None:
-        return
-    name, upper = knob
+def _tune_search_parameters(
+    index: faiss.Index, knobs: list[tuple[str, int, int]], vectors: np.ndarray, seed: int
+) -> None:
+    """Greedy doubling: each round doubles the knob whose doubling gains most recall, until
+    the recall target is met or no doubling gains TUNING_MIN_GAIN (a plateau)."""
     queries = _as_float32(vectors[_sample_rows(len(vectors), TUNING_SAMPLE_SIZE, seed)], "vectors")
     exact = _exact_neighbors(vectors, queries, min(TUNING_K, len(vectors)))
     params = faiss.ParameterSpace()
-    value = 16 if name == "efSearch" else 1
-    params.set_index_parameter(index, name, value)
+    values = {name: first for name, first, _ in knobs}
+    for name, value in values.items():
+        params.set_index_parameter(index, name, value)
     best = _search_recall(index, queries, exact)
-    while best < TARGET_RECALL + TUNING_MARGIN and value < upper:
-        candidate = min(2 * value, upper)
-        params.set_index_parameter(index, name, candidate)
-        recall = _search_recall(index, queries, exact)
-        if recall - best < TUNING_MIN_GAIN:
-            params.set_index_parameter(index, name, value)
+    while best < TARGET_RECALL + TUNING_MARGIN:
+        trials = []  # (recall, name, value) of each knob doubled alone
+        for name, _, upper in knobs:
+            if values[name] < upper:
+                candidate = min(2 * values[name], upper)
+                params.set_index_parameter(index, name, candidate)
+                trials.append((_search_recall(index, queries, exact), name, candidate))
+                params.set_index_parameter(index, name, values[name])
+        if not trials or max(trials)[0] - best < TUNING_MIN_GAIN:
             return
-        value, best = candidate, recall
+        best, name, values[name] = max(trials)
+        params.set_index_parameter(index, name, values[name])
 
 
 def build_index(
@@ -253,19 +281,21 @@ def build_index(
     Indexes that need training (IVF) are trained on a seeded random sample of
     ``train_size`` rows, enlarged to 39 * nlist rows when that is more (k-means needs
     that many points per centroid). Vectors are added in batches of ``add_batch_size``,
-    converted to float32 per batch. ``nprobe`` (IVF) / ``ef_search`` (HNSW) default to the
-    smallest power of two reaching recall@20 >= 0.96 on a 500-vector sample, or to where
-    doubling stops helping (IVF-PQ's quantisation caps its recall).
+    converted to float32 per batch. ``nprobe`` (IVF), ``ef_search`` (HNSW) and, for
+    Refine, the short list's k_factor are tuned by doubling until recall@20 reaches 0.96
+    on a 500-vector sample, or to where doubling stops helping (IVF-PQ's quantisation caps
+    its recall); given ``nprobe``, k_factor stays at its first value, 2.
     """
     _check_matrix(vectors, "vectors")
     if len(vectors) == 0:
         raise ValueError("cannot build an index over 0 vectors")
     _, sizes = _parse_spec(spec)
     index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    if isinstance(index, faiss.IndexIVFPQ):
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
         # Polysemous training orders PQ codes for Hamming pre-filtering, which we never
         # use; it took 2/3 of IVF-PQ build time on 20k x 64 vectors.
-        index.do_polysemous_training = False
+        faiss.downcast_index(ivf).do_polysemous_training = False
     if not index.is_trained:
         wanted = max(train_size, MIN_TRAIN_POINTS_PER_CENTROID * sizes.get("nlist", 1))
         sample = _sample_rows(len(vectors), wanted, seed)
@@ -274,11 +304,12 @@ def build_index(
         index.add(_as_float32(vectors[start : start + add_batch_size], "vectors"))
 
     explicit = {"nprobe": nprobe, "efSearch": ef_search}
-    knob = _search_parameter(index)
-    if knob is not None and explicit[knob[0]] is not None:
-        faiss.ParameterSpace().set_index_parameter(index, knob[0], explicit[knob[0]])
-    elif knob is not None:
-        _tune_search_parameter(index, vectors, seed)
+    knobs = _search_knobs(index)
+    if any(explicit.get(name) is not None for name, _, _ in knobs):
+        for name, first, _ in knobs:
+            faiss.ParameterSpace().set_index_parameter(index, name, explicit.get(name) or first)
+    elif knobs:
+        _tune_search_parameters(index, knobs, vectors, seed)
     return index
 
 
