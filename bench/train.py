@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -93,6 +94,27 @@ def plain_loop(
     return time.perf_counter() - started
 
 
+def interleaved_rates(
+    names: list[str], rate: Callable[[str], float], warmup: int, repeats: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(median, all values) of ``rate(name)`` per name over ``repeats`` rounds after
+    ``warmup``, the order reversed every other round so that no name always runs first."""
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        for name in names if round_index % 2 == 0 else list(reversed(names)):
+            value = rate(name)
+            if round_index >= warmup:
+                rates[name].append(value)
+    return {name: statistics.median(values) for name, values in rates.items()}, rates
+
+
+def emit(result: dict, json_path: str | None) -> None:
+    print(json.dumps(result, indent=2))
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="megapairs-demo-clip")
@@ -136,19 +158,17 @@ def main() -> None:
         max_steps=args.steps, batch_size=args.batch_size, num_workers=args.num_workers,
         device=str(device), learning_rate=1e-5,
     )
-    rates: dict[str, list[float]] = {"plain_open_clip": [], **{name: [] for name in datasets}}
-    for round_index in range(args.warmup + args.repeats):
-        order = list(rates) if round_index % 2 == 0 else list(reversed(rates))
-        for name in order:
-            if name == "plain_open_clip":
-                rate = args.batch_size * args.steps / plain_loop(
-                    model, pixels, tokens, args.steps, 1e-5, args.plain_foreach or None
-                )
-            else:
-                rate = train_mmret(model, datasets[name], config).samples_per_s
-            if round_index >= args.warmup:
-                rates[name].append(rate)
-    medians = {name: statistics.median(values) for name, values in rates.items()}
+
+    def rate(name: str) -> float:
+        if name == "plain_open_clip":
+            return args.batch_size * args.steps / plain_loop(
+                model, pixels, tokens, args.steps, 1e-5, args.plain_foreach or None
+            )
+        return train_mmret(model, datasets[name], config).samples_per_s
+
+    medians, rates = interleaved_rates(
+        ["plain_open_clip", *datasets], rate, args.warmup, args.repeats
+    )
     result = {
         "model": args.model,
         "device": str(device),
@@ -161,10 +181,7 @@ def main() -> None:
         "all_samples_per_s": rates,
         "ratio": {name: medians[name] / medians["plain_open_clip"] for name in datasets},
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,14 @@ rank 0 writes the loss curve to the path given as argument.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from test_retrieval_model import tiny_model
 from test_retrieval_train import shape_images, shapes_dataset
+from torchrun import run_two_processes
 
-from megapairs_dagster.resources.generation_server import free_port
 from megapairs_dagster.retrieval import TrainConfig, train_mmret
 
 pytestmark = pytest.mark.slow
@@ -38,18 +37,7 @@ def dataset(model):
 
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     out = tmp_path / "ddp_losses.json"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
-    completed = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            __file__, str(out),
-        ],
-        cwd=Path(__file__).parent, env=environment, capture_output=True, text=True, timeout=120,
-        check=False,
-    )
+    completed = run_two_processes(__file__, str(out), timeout=120)
     assert completed.returncode == 0, completed.stderr[-3000:]
     distributed = json.loads(out.read_text())
     assert distributed["world_size"] == 2 and distributed["samples"] == STEPS * GLOBAL_BATCH

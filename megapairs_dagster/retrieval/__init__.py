@@ -12,10 +12,12 @@ from .data import (
     triplets_from_views,
 )
 from .loss import composed_infonce, training_loss
+from .mllm import CIR_TASK_INSTRUCTION, MMRetMLLM
 from .model import LAYOUTS, VARIANTS, MMRetCLIP
 from .train import StepProgress, TrainConfig, TrainReport, train_mmret
 
 __all__ = [
+    "CIR_TASK_INSTRUCTION",
     "DEFAULT_HARD_NEGATIVES",
     "HARD_NEGATIVE_MODES",
     "LAYOUTS",
@@ -24,6 +26,7 @@ __all__ = [
     "ExportedImages",
     "ImagePixels",
     "MMRetCLIP",
+    "MMRetMLLM",
     "MMRetTrainingSet",
     "PairExample",
     "StepProgress",

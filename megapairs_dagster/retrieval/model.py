@@ -64,6 +64,21 @@ def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _inputs(images, text) -> tuple[list | None, list | None, int]:
+    """(images as a list or None, texts as a list or None, item count) of an encoder call;
+    with both, item i is the composed query (images[i], text[i])."""
+    image_list = None if images is None else _as_list(images)
+    text_list = None if text is None else _as_list(text)
+    if image_list is None and text_list is None:
+        raise ValueError("encode needs images, text or both")
+    if image_list is not None and text_list is not None and len(image_list) != len(text_list):
+        raise ValueError(
+            f"composed queries need as many images as texts, got {len(image_list)} images "
+            f"and {len(text_list)} texts"
+        )
+    return image_list, text_list, len(image_list if image_list is not None else text_list)
+
+
 def _open_image(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -136,16 +151,7 @@ class MMRetCLIP(torch.nn.Module):
         Images are paths/URLs or PIL images; with both images and texts, item i is the
         composed query (images[i], text[i]). Inputs are processed ``batch_size`` at a time.
         """
-        image_list = None if images is None else _as_list(images)
-        text_list = None if text is None else _as_list(text)
-        if image_list is None and text_list is None:
-            raise ValueError("encode needs images, text or both")
-        if image_list is not None and text_list is not None and len(image_list) != len(text_list):
-            raise ValueError(
-                f"composed queries need as many images as texts, got {len(image_list)} images "
-                f"and {len(text_list)} texts"
-            )
-        count = len(image_list if image_list is not None else text_list)
+        image_list, text_list, count = _inputs(images, text)
         was_training = self.training
         self.eval()
         device = self.device

@@ -15,7 +15,9 @@ forward is deterministic: no dropout), for one extra forward pass.
 
 CLIP's learned ``logit_scale`` (and ``logit_bias``) is frozen: the temperature is fixed
 (paper: 0.02), and a parameter that gets no gradient would stall DistributedDataParallel.
-Every other weight is trained.
+Every other weight is trained. MMRet-MLLM comes with its own trainable set (its LoRA
+adapter), batches (``collate``), embedding step (``training_embeddings``) and training state
+(the adapter alone: its frozen base is not written at every checkpoint).
 
 A run ends after ``max_steps``, or earlier when the ``progress`` callback says so: the demo
 bootstrap trains its CLIP from scratch here, evaluating every few steps until held-out
@@ -39,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megapairs_dagster.retrieval.data import CaptionSet, MMRetTrainingSet
 from megapairs_dagster.retrieval.loss import training_loss, world
+from megapairs_dagster.retrieval.mllm import MMRetMLLM
 from megapairs_dagster.retrieval.model import DEFAULT_TEMPERATURE, MMRetCLIP
 from megapairs_dagster.synthesis.encoders import resolve_device
 
@@ -144,6 +147,9 @@ def _embed(
     """Normalised embeddings of a batch: composed queries, positives, hard negatives
     (query image first, unless ``query_as_negative`` is off), query images and, when
     present, captions; a caption-only batch gives images and captions."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(module, MMRetMLLM):
+        return module.training_embeddings(model, batch, autocast, query_as_negative)
     if "query" not in batch:
         with autocast:
             image_features, text_features = model(batch["image"], batch["caption"])
@@ -239,7 +245,7 @@ def _data_signature(config: TrainConfig, dataset_size: int, world_size: int) -> 
 
 
 def train_mmret(
-    model: MMRetCLIP,
+    model: MMRetCLIP | MMRetMLLM,
     dataset: MMRetTrainingSet | CaptionSet,
     config: TrainConfig,
     progress: Callable[[StepProgress], bool | None] | None = None,
@@ -256,6 +262,9 @@ def train_mmret(
         raise ValueError("caption_loss_weight > 0 needs a dataset built with captions")
     if isinstance(dataset, CaptionSet) and not config.caption_loss_weight:
         raise ValueError("a caption-only dataset trains nothing with caption_loss_weight 0")
+    is_mllm = isinstance(model, MMRetMLLM)
+    if is_mllm and (config.caption_loss_weight or isinstance(dataset, CaptionSet)):
+        raise ValueError("MMRet-MLLM trains on triplets only (caption_loss_weight 0)")
     device, owns_group = _setup_distributed(config.device)
     rank, world_size = world()
     global_batch = config.batch_size * config.grad_accum_steps * world_size
@@ -263,9 +272,14 @@ def train_mmret(
         raise ValueError(f"{len(dataset)} examples cannot fill one global batch of {global_batch}")
 
     model.to(device).train()
-    for name, parameter in model.clip.named_parameters():
-        parameter.requires_grad_(name not in FROZEN_PARAMETERS)
+    if not is_mllm:
+        for name, parameter in model.clip.named_parameters():
+            parameter.requires_grad_(name not in FROZEN_PARAMETERS)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has nothing to train (a LoRA adapter loaded for inference?)")
+    model_state = model.training_state_dict if is_mllm else model.state_dict
+    load_model_state = model.load_training_state_dict if is_mllm else model.load_state_dict
     # foreach: one kernel per step for all tensors. PyTorch picks it by default only on CUDA;
     # on the CPU it makes this optimizer step 2.4x faster (bench/train.py).
     optimizer = torch.optim.AdamW(
@@ -282,7 +296,7 @@ def train_mmret(
                 f"{state_path} was written with data order {state['data']}, "
                 f"this run has {signature}; resume needs the same order"
             )
-        model.load_state_dict(state["model"])
+        load_model_state(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -303,6 +317,7 @@ def train_mmret(
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        collate_fn=model.collate if is_mllm else None,
     )
 
     def checkpoint(step: int) -> None:
@@ -312,7 +327,7 @@ def train_mmret(
             _save_state(
                 state_path,
                 {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "model": {k: v.detach().cpu() for k, v in model_state().items()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,
