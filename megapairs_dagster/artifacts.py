@@ -95,6 +95,10 @@ BINARY_ARTIFACTS: tuple[type, ...] = (Embeddings, KnnIndexArtifact)
 
 def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
     """Parquet bytes whose schema metadata records what produced the table."""
+    # pandas would also store ``frame.attrs`` (e.g. the produced_by of frames read back from
+    # saved chunks): the same rows must give the same bytes however they were assembled.
+    frame = frame.copy(deep=False)
+    frame.attrs = {}
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
     metadata[b"megapairs.produced_by"] = json.dumps(produced_by).encode()

@@ -12,7 +12,12 @@ from megapairs_dagster.artifacts import ROW_GROUP_ROWS, write_table
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.storage import ArtifactStoreClient
-from megapairs_dagster.synthesis.image_index import build_image_index, locate, read_images
+from megapairs_dagster.synthesis.image_index import (
+    build_image_index,
+    iter_images,
+    locate,
+    read_images,
+)
 
 
 def _shard(store: ArtifactStoreClient, shard: str, ids: range) -> None:
@@ -56,6 +61,36 @@ def test_reads_only_the_row_groups_that_hold_the_rows(store, monkeypatch):
     assert sorted(rows.index) == [1000, 1003, 1998]
     # 1000 and 1998: rows 0 and 499 of shard 00000 (groups 0 and 1); 1003: row 1 of 00001
     assert ROW_GROUP_ROWS == 256 and sorted(read_groups) == [0, 0, 1]
+
+
+def test_images_come_a_row_group_at_a_time_in_storage_order(store, monkeypatch):
+    """How the export reads every referenced image without holding them all."""
+    index = build_image_index(store, ["00000", "00001"])
+    read_groups = []
+    original = pq.ParquetFile.read_row_group
+
+    def counting(self, group, *args, **kwargs):
+        read_groups.append(group)
+        return original(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    wanted = list(range(1998, 999, -1))  # every image, newest id first
+    chunks = list(iter_images(store, index, wanted, ["jpeg"], chunk_rows=256))
+    assert [len(chunk) for chunk in chunks] == [256, 244, 256, 243]  # 1999 not asked for
+    assert [chunk.index[0] for chunk in chunks] == [1000, 1512, 1001, 1513]  # shard, then row
+    assert sorted(i for chunk in chunks for i in chunk.index) == sorted(wanted)
+    assert chunks[0].loc[1000, "jpeg"] == bytes([1000 % 256]) * 10
+    assert read_groups == [0, 1, 0, 1]  # each row group once
+
+
+def test_a_tables_bytes_do_not_depend_on_the_frames_attrs():
+    """Rows read back from saved chunks carry attrs; the artifact must not (same rows, same
+    bytes, however they were assembled)."""
+    frame = pd.DataFrame({"image_id": [1, 2]})
+    tagged = frame.copy()
+    tagged.attrs["produced_by"] = {"asset": "pair_descriptions"}
+    assert write_table(tagged, {"run": 1}) == write_table(frame, {"run": 1})
+    assert tagged.attrs == {"produced_by": {"asset": "pair_descriptions"}}  # left as it was
 
 
 def test_a_rebuild_reuses_unchanged_shards(store):
