@@ -18,9 +18,11 @@ endif
 
 # constraints.txt pins every package (torch 2.14.1 + torchvision 0.29.1 is the pair that
 # installs and imports cleanly here), so a fresh install resolves fast and reproducibly.
+# faiss comes from one extra: `cpu` (faiss-cpu) by default, `EXTRAS=gpu,dev` on a CUDA machine.
+EXTRAS ?= cpu,dev
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -63,11 +65,10 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 lint: install
 	$(VENV)/bin/ruff check megapairs_dagster tests bench
 
+# Every bench script (each writes bench/results/<name>.json), then one table of all the ratios,
+# bench/results/summary.json and summary.png; estimated ~20-25 minutes on 2 cores (docs/benchmarks/README.md).
 bench: install vllm-env
-	$(PY) bench/embed.py
-	$(PY) bench/knn.py
-	$(PY) bench/train.py
-	$(PY) bench/generation.py
+	$(PY) bench/report.py --run
 
 # On a machine with one GPU, in under 8 minutes: embedding, faiss, training and generation
 # throughput against the GPU's bf16 peak (docs/benchmarks/gpu.md). Needs the `gpu` extra for

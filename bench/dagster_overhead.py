@@ -6,9 +6,11 @@ vs the time spent inside its steps, measured side by side in one run.
 - `dagster asset materialize` CLI (process start, code loading and run included).
 
 Step time = the STEP_SUCCESS durations (the asset body plus its IO-manager reads/writes).
-Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/dagster_overhead.py
+Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/dagster_overhead.py --json out.json
 """
 
+import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -20,21 +22,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dagster import DagsterEventType, DagsterInstance, materialize
+from dagster import DagsterInstance, materialize
+from scaling import step_durations
 
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.resources.profiles import resources_for
 from megapairs_dagster.resources.settings import Compute, Encoders
 
-REPEATS = 3
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def step_seconds(instance: DagsterInstance, run_id: str) -> float:
-    records = instance.get_records_for_run(
-        run_id, of_type=DagsterEventType.STEP_SUCCESS
-    ).records
-    return sum(r.event_log_entry.dagster_event.event_specific_data.duration_ms for r in records) / 1e3
+    return sum(step_durations(instance, run_id).values())
 
 
 def in_process(defs_assets, resources, instance, selection, partition) -> tuple[float, float]:
@@ -62,14 +61,21 @@ def cli(home: Path, dagster_home: Path, selection: str, partition: str) -> tuple
     return wall, steps
 
 
-def report(label: str, samples: list[tuple[float, float]]) -> None:
+def report(label: str, samples: list[tuple[float, float]]) -> dict:
     wall = statistics.median(s[0] for s in samples)
     steps = statistics.median(s[1] for s in samples)
     print(f"{label:<58} wall {wall:6.2f}s  in steps {steps:6.2f}s  overhead {wall - steps:6.2f}s"
           f"  wall/steps {wall / max(steps, 1e-9):6.1f}x")
+    return {"label": label, "wall_s": wall, "step_s": steps, "overhead_s": wall - steps,
+            "wall_over_steps": wall / max(steps, 1e-9)}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args()
+    repeats = args.repeats
     from megapairs_dagster.definitions import defs
     from megapairs_dagster.jobs.pipeline import (
         materialize_pipeline,
@@ -97,19 +103,25 @@ def main() -> None:
         instance.add_dynamic_partitions("shards", ["00001"])
 
         ingest = [in_process(assets, resources, instance, ["corpus_images", "corpus_rejects"],
-                             "00001") for _ in range(REPEATS)]
+                             "00001") for _ in range(repeats)]
         pairs = [in_process(assets, resources, instance, ["image_pairs"], "00000")
-                 for _ in range(REPEATS)]
+                 for _ in range(repeats)]
         instance.dispose()
         ingest_cli = [cli(home, dagster_home, "corpus_images,corpus_rejects", "00001")
-                      for _ in range(REPEATS)]
-        pairs_cli = [cli(home, dagster_home, "image_pairs", "00000") for _ in range(REPEATS)]
+                      for _ in range(repeats)]
+        pairs_cli = [cli(home, dagster_home, "image_pairs", "00000") for _ in range(repeats)]
 
-    print(f"\nmedian of {REPEATS} runs each (this machine: {os.cpu_count()} CPUs)")
-    report("in process: corpus_images+corpus_rejects, 4-image shard", ingest)
-    report("in process: image_pairs, one 24-image shard", pairs)
-    report("CLI dagster asset materialize: corpus (4 images)", ingest_cli)
-    report("CLI dagster asset materialize: image_pairs", pairs_cli)
+    print(f"\nmedian of {repeats} runs each (this machine: {os.cpu_count()} CPUs)")
+    rows = [
+        report("in process: corpus_images+corpus_rejects, 4-image shard", ingest),
+        report("in process: image_pairs, one 24-image shard", pairs),
+        report("CLI dagster asset materialize: corpus (4 images)", ingest_cli),
+        report("CLI dagster asset materialize: image_pairs", pairs_cli),
+    ]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"repeats": repeats, "cpu_count": os.cpu_count(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from megapairs_dagster.synthesis.knn import (
     recall_at_k,
     search_neighbors,
     serialize_index,
+    to_gpu,
 )
 
 GB = 1 << 30
@@ -266,3 +267,55 @@ def test_label_recall_counts_shared_labels_and_ignores_padding():
     found = np.array([[1, 2, -1], [5, 6, 7]])
     exact = np.array([[2, 3, -1], [7, 6, 5]])
     assert label_recall(found, exact) == pytest.approx(4 / 5)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """One 'GPU' whose index is the CPU index itself: records what was moved each way."""
+    moved = {"to": [], "back": []}
+
+    def cpu_to_gpu(index):
+        moved["to"].append(index)
+        return index
+
+    def gpu_to_cpu(index):
+        moved["back"].append(index)
+        return index
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", cpu_to_gpu)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", gpu_to_cpu, raising=False)
+    return moved
+
+
+@pytest.mark.parametrize(("spec", "on_gpu"), [
+    ("Flat", True), ("IVF16,Flat", True), ("IVF16,PQ8", True),
+    ("HNSW32", False), ("IVF16,PQ8,Refine(SQfp16)", False),
+])
+def test_gpu_branch_moves_only_types_faiss_has_on_gpu(fake_gpu, spec, on_gpu):
+    index = faiss.index_factory(64, spec, faiss.METRIC_INNER_PRODUCT)
+    assert to_gpu(index) == (index, on_gpu)
+    assert fake_gpu["to"] == ([index] if on_gpu else [])
+
+
+def test_gpu_branch_falls_back_without_gpus_or_when_faiss_refuses(fake_gpu, monkeypatch):
+    index = faiss.IndexFlatIP(8)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    assert to_gpu(index) == (index, False) and fake_gpu["to"] == []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+
+    def refuse(_):
+        raise RuntimeError("unsupported PQ code size on GPU")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", refuse)
+    assert to_gpu(index) == (index, False)
+
+
+def test_build_and_search_take_the_gpu_branch_and_return_a_cpu_index(fake_gpu, clustered):
+    index = build_index(clustered, "IVF64,Flat", nprobe=8)
+    assert len(fake_gpu["to"]) == 1 and fake_gpu["back"] == fake_gpu["to"]
+    assert index.ntotal == len(clustered) and faiss.extract_index_ivf(index).nprobe == 8
+    ids = np.arange(len(clustered), dtype=np.int64)
+    found = search_neighbors(index, ids, clustered[:50], ids[:50], k=5)
+    assert fake_gpu["to"][-1] is index and len(fake_gpu["to"]) == 2
+    assert all(len(row) == 5 for row in found["neighbor_ids"])

@@ -5,6 +5,10 @@ arrive as float16 and are converted to float32 one batch at a time, so a 10^7-ve
 collection never needs a float32 copy of everything. Index types are faiss
 ``index_factory`` strings: ``Flat``, ``HNSW{M}``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{m}``
 and ``IVF{nlist},PQ{m},Refine(SQfp16)`` (IVF-PQ's short list re-ranked exactly).
+
+With CUDA and faiss-gpu (the ``gpu`` extra), Flat, IVF-Flat and IVF-PQ indexes are trained,
+filled and searched on every GPU faiss sees; HNSW and Refine have no GPU implementation in
+faiss and stay on the CPU. Built indexes are returned (and serialised) as CPU indexes.
 """
 
 from __future__ import annotations
@@ -12,9 +16,17 @@ from __future__ import annotations
 import math
 import re
 
-import faiss
 import numpy as np
 import pandas as pd
+
+try:
+    import faiss
+except ImportError as error:  # faiss is in an extra, so that CPU and GPU builds never mix
+    raise ImportError(
+        "megapairs-dagster needs faiss: install it with the `cpu` extra (faiss-cpu, "
+        "pip install 'megapairs-dagster[cpu]') or, with CUDA, the `gpu` extra "
+        "(faiss-gpu-cu12, pip install 'megapairs-dagster[gpu]'), not both"
+    ) from error
 
 # Below this size exact search is cheap enough and IVF has too few points to train on:
 # a self-join of 50k x 512 vectors is ~1.3e12 multiply-adds (under a minute on 2 cores),
@@ -183,6 +195,27 @@ def _sample_rows(num_rows: int, sample_size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(num_rows, size=min(sample_size, num_rows), replace=False))
 
 
+def _gpu_eligible(index: faiss.Index) -> bool:
+    """Whether faiss has a GPU version of this CPU index and a GPU to put it on."""
+    if faiss.get_num_gpus() == 0:
+        return False
+    return type(faiss.downcast_index(index)) in (
+        faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexIVFFlat, faiss.IndexIVFPQ
+    )
+
+
+def to_gpu(index: faiss.Index) -> tuple[faiss.Index, bool]:
+    """(a copy of ``index`` on all GPUs, True), or (``index``, False) when faiss has no GPU,
+    no GPU version of the index, or refuses this configuration (e.g. an IVF-PQ code size
+    its kernels lack)."""
+    if not _gpu_eligible(index):
+        return index, False
+    try:
+        return faiss.index_cpu_to_all_gpus(index), True
+    except RuntimeError:
+        return index, False
+
+
 def _exact_neighbors(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k inner-product labels, scanning the collection block by block."""
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
@@ -284,7 +317,8 @@ def build_index(
     converted to float32 per batch. ``nprobe`` (IVF), ``ef_search`` (HNSW) and, for
     Refine, the short list's k_factor are tuned by doubling until recall@20 reaches 0.96
     on a 500-vector sample, or to where doubling stops helping (IVF-PQ's quantisation caps
-    its recall); given ``nprobe``, k_factor stays at its first value, 2.
+    its recall); given ``nprobe``, k_factor stays at its first value, 2. Training and adding
+    run on the GPUs when :func:`to_gpu` can move the index; tuning runs on the CPU copy.
     """
     _check_matrix(vectors, "vectors")
     if len(vectors) == 0:
@@ -296,12 +330,14 @@ def build_index(
         # Polysemous training orders PQ codes for Hamming pre-filtering, which we never
         # use; it took 2/3 of IVF-PQ build time on 20k x 64 vectors.
         faiss.downcast_index(ivf).do_polysemous_training = False
-    if not index.is_trained:
+    filled, on_gpu = to_gpu(index)
+    if not filled.is_trained:
         wanted = max(train_size, MIN_TRAIN_POINTS_PER_CENTROID * sizes.get("nlist", 1))
         sample = _sample_rows(len(vectors), wanted, seed)
-        index.train(_as_float32(vectors[sample], "vectors"))
+        filled.train(_as_float32(vectors[sample], "vectors"))
     for start in range(0, len(vectors), add_batch_size):
-        index.add(_as_float32(vectors[start : start + add_batch_size], "vectors"))
+        filled.add(_as_float32(vectors[start : start + add_batch_size], "vectors"))
+    index = faiss.index_gpu_to_cpu(filled) if on_gpu else filled
 
     explicit = {"nprobe": nprobe, "efSearch": ef_search}
     knobs = _search_knobs(index)
@@ -326,7 +362,8 @@ def search_neighbors(
     ``index_ids[i]`` is the image id of the i-th vector added to ``index``. Ids are
     content hashes, so a neighbour with the query's id is the query itself or an identical
     copy and is dropped; an id found twice keeps only its best score; faiss's -1 padding
-    is dropped. Searches k + 8 so that removals rarely leave fewer than k neighbours.
+    is dropped. Searches k + 8 so that removals rarely leave fewer than k neighbours, on the
+    GPUs when :func:`to_gpu` can move the index.
 
     Returns one row per query, in ``query_ids`` order: ``image_id`` (int64),
     ``neighbor_ids`` (int64 array, length <= k), ``scores`` (float32 array, descending).
@@ -342,10 +379,11 @@ def search_neighbors(
         raise ValueError(f"k must be positive, got {k}")
 
     fetched = min(k + SELF_AND_DUPLICATE_MARGIN, max(1, index.ntotal))
+    searcher, _ = to_gpu(index)
     kept_ids, kept_scores, counts = [], [], []
     for start in range(0, len(queries), batch_size):
         batch_ids = query_ids[start : start + batch_size]
-        scores, labels = index.search(
+        scores, labels = searcher.search(
             _as_float32(queries[start : start + batch_size], "queries"), fetched
         )
         ids, scores, keep = _filter_neighbors(scores, labels, index_ids, batch_ids, k)
