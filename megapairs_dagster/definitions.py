@@ -23,6 +23,7 @@ from megapairs_dagster.assets.knn import knn_assets
 from megapairs_dagster.assets.leaderboard import build_leaderboard_asset
 from megapairs_dagster.assets.studies import build_study_assets
 from megapairs_dagster.assets.training import build_training_asset
+from megapairs_dagster.assets.training_mllm import build_mllm_training_asset
 from megapairs_dagster.jobs import build_jobs, sensors
 from megapairs_dagster.resources.profiles import Deployment, load_deployment
 
@@ -30,23 +31,26 @@ from megapairs_dagster.resources.profiles import Deployment, load_deployment
 def build_definitions(deployment: Deployment) -> Definitions:
     """The code location of a deployment: its training runs are the partitions of training
     and scoring, asset code versions follow its configuration, its executor runs every job.
-    Only the demo deployment has the demo benchmark. Each asset's policies (automation, code
+    Only the demo deployment has the demo benchmark; MMRet-MLLM is there only when its runs are
+    (the paper's; the demo's with ``MEGAPAIRS_DEMO_MLLM=1``), scored beside MMRet-CLIP. Each asset's policies (automation, code
     version inputs, pool, retries) are on its decorator; jobs follow the asset groups."""
     demo = deployment.profile == "demo"
     benchmarks = list(REAL_BENCHMARKS)
     if demo:  # the demo scores its own benchmark, and a real one only once its data is set
         data = deployment.resources["benchmark_data"]
         benchmarks = ["demo_cir", *(name for name in benchmarks if not data.unset(name))]
+    gpus = deployment.resources["training"].nproc_per_node
+    mllm = deployment.mllm_runs
     assets = [
         *load_assets_from_modules(
             [corpus, lookup, encoders, embeddings, diagnostics, pairs, instructions, triplets]
         ),
         *knn_assets(deployment.resources["indexes"]),
-        build_training_asset(deployment.training_runs,
-                             gpus=deployment.resources["training"].nproc_per_node),
+        build_training_asset(deployment.training_runs, gpus=gpus),
+        *([build_mllm_training_asset(mllm, gpus=gpus)] if mllm else []),
         *([demo_benchmark] if demo else []),
-        build_scores_asset(deployment.training_runs, benchmarks),
-        build_leaderboard_asset(list(deployment.training_runs), benchmarks),
+        build_scores_asset(deployment.training_runs, benchmarks, list(mllm)),
+        build_leaderboard_asset([*deployment.training_runs, *mllm], benchmarks),
         *build_study_assets(deployment.studies, benchmarks),
     ]
     return Definitions(

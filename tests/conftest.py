@@ -47,6 +47,34 @@ def deployment_with(resources: dict, profile: str = "demo") -> Deployment:
     return dataclasses.replace(load_deployment(profile, "home"), resources=resources)
 
 
+MINED_SHARDS = ["00000", "00001"]
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    """Two small shards materialised up to what the training reads (triplets, base CLIP):
+    the resources and the instance."""
+    from dagster import DagsterInstance
+
+    from megapairs_dagster.definitions import defs
+    from megapairs_dagster.demo import write_demo_shard
+    from megapairs_dagster.jobs.pipeline import (
+        materialize_pipeline,
+        pipeline_stages,
+        stages_upstream_of,
+    )
+
+    home = tmp_path_factory.mktemp("launch")
+    for index in range(len(MINED_SHARDS)):
+        write_demo_shard(home / "demo_corpus", index, 60, seed=0)
+    resources = small_demo_resources(home)
+    stages = stages_upstream_of(pipeline_stages(defs.resolve_asset_graph()), "mmret_clip")
+    instance = DagsterInstance.ephemeral()
+    materialize_pipeline(list(defs.assets), resources, instance, MINED_SHARDS, stages=stages,
+                         log=lambda _: None)
+    return resources, instance
+
+
 @pytest.fixture
 def demo_home(tmp_path):
     return tmp_path / "home"

@@ -1,11 +1,15 @@
 """The code location loads and holds the graph the design describes."""
 
+import dataclasses
+
 import pytest
 from dagster import AssetKey, EnvVar
 
 from megapairs_dagster.definitions import build_definitions, defs
 from megapairs_dagster.resources.profiles import (
+    DEMO_MLLM_ENV,
     PROFILES,
+    MLLMRun,
     TrainingRun,
     load_deployment,
     resources_for,
@@ -108,7 +112,8 @@ def test_each_profile_has_its_own_training_runs():
     assert not any(key.startswith("demo_cir|") for key in scores.get_partition_keys())
     graph = paper.resolve_asset_graph()
     assert not graph.has(AssetKey("demo_benchmark"))
-    assert graph.get(AssetKey("benchmark_scores")).parent_keys == {AssetKey("mmret_clip")}
+    assert graph.get(AssetKey("benchmark_scores")).parent_keys == {
+        AssetKey("mmret_clip"), AssetKey("mmret_mllm")}
     # one table of every score, its own group (and job): a group is one partitioning
     leaderboard = graph.get(AssetKey("leaderboard"))
     assert leaderboard.parent_keys == {AssetKey("benchmark_scores")}
@@ -168,3 +173,28 @@ def test_executor_per_deployment(monkeypatch):
     monkeypatch.setenv("MEGAPAIRS_EXECUTOR", "slurm")
     with pytest.raises(ValueError, match="MEGAPAIRS_EXECUTOR='slurm'"):
         load_deployment("paper")
+
+
+def test_mmret_mllm_runs_are_scored_beside_mmret_clip_where_the_deployment_has_them(
+        monkeypatch):
+    monkeypatch.delenv(DEMO_MLLM_ENV, raising=False)
+    assert not defs.resolve_asset_graph().has(AssetKey("mmret_mllm"))  # the demo, by default
+    paper = build_definitions(load_deployment("paper")).resolve_asset_graph()
+    node = paper.get(AssetKey("mmret_mllm"))
+    assert node.partitions_def.get_partition_keys() == ["mllm_s1", "mllm_s2"]
+    assert node.pools == {"gpu"} and node.group_name == "training_mllm"
+    assert node.automation_condition is None  # launched deliberately, as mmret_clip
+    assert {"circo|mllm_s2", "circo|large"} <= set(
+        paper.get(AssetKey("benchmark_scores")).partitions_def.get_partition_keys())
+    mllm = load_deployment("paper").resources["mllm_training"]
+    assert (mllm.base_model, mllm.lora_rank, mllm.bf16) == (
+        EnvVar("MEGAPAIRS_MLLM_BASE"), 32, True)
+
+    monkeypatch.setenv(DEMO_MLLM_ENV, "1")
+    demo = build_definitions(load_deployment("demo", "home"))
+    jobs = {job.name: job for job in demo.resolve_all_job_defs()}
+    assert jobs["training_mllm"].partitions_def.get_partition_keys() == ["mllm_demo"]
+    assert "demo_cir|mllm_demo" in jobs["evaluation"].partitions_def.get_partition_keys()
+    with pytest.raises(ValueError, match=r"\['demo'\] are both"):
+        dataclasses.replace(load_deployment("demo", "home"),
+                            mllm_runs={"demo": MLLMRun()})

@@ -17,19 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_demo_resources
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, materialize
 from safetensors.torch import load_file
 
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.assets.training import build_training_asset
 from megapairs_dagster.definitions import defs
-from megapairs_dagster.demo import write_demo_shard
-from megapairs_dagster.jobs.pipeline import (
-    materialize_pipeline,
-    pipeline_stages,
-    stages_upstream_of,
-)
 from megapairs_dagster.resources.profiles import (
     DEMO_RUNS,
     DeploymentConfigError,
@@ -43,30 +36,16 @@ from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 pytestmark = pytest.mark.integration
 
-SHARDS = ["00000", "00001"]
 RUN = "demo"
 STEPS = 6
+LEARNING_RATE = 1e-4
 GLOBAL_BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def mined(tmp_path_factory):
-    """Two small shards materialised up to what the training reads (triplets, base CLIP)."""
-    home = tmp_path_factory.mktemp("launch")
-    for index in range(len(SHARDS)):
-        write_demo_shard(home / "demo_corpus", index, 60, seed=0)
-    resources = small_demo_resources(home)
-    stages = stages_upstream_of(pipeline_stages(defs.resolve_asset_graph()), "mmret_clip")
-    instance = DagsterInstance.ephemeral()
-    materialize_pipeline(list(defs.assets), resources, instance, SHARDS, stages=stages,
-                         log=lambda _: None)
-    return resources, instance
 
 
 def _train(mined, processes: int, **settings):
     resources, instance = mined
     training = Training(max_steps=STEPS, batch_size=GLOBAL_BATCH // processes, warmup_steps=2,
-                        learning_rate=1e-4, caption_loss_weight=0.5, nproc_per_node=processes,
+                        learning_rate=LEARNING_RATE, caption_loss_weight=0.5, nproc_per_node=processes,
                         **settings)
     assets = [a for a in defs.assets if AssetKey("mmret_clip") not in a.keys]
     assets.append(build_training_asset(DEMO_RUNS, gpus=processes))
@@ -83,7 +62,12 @@ def _weights(mined) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _assert_same_training(left: tuple[dict, dict], right: tuple[dict, dict]) -> None:
     """Same losses and weights, up to float summation order: DDP sums two gradients where one
-    process sums one, which Adam's first steps amplify slightly (as in test_retrieval_ddp)."""
+    process sums one, which Adam's first steps amplify slightly (as in test_retrieval_ddp).
+
+    An element whose true gradient is about 0 gets a rounding-noise gradient that Adam
+    normalises into a step of about the learning rate, its sign set by the summation order;
+    which elements those are depends on the mined data. So all but 0.1 % of each tensor's
+    elements must agree closely, and none may differ by more than two such steps per step."""
     (left_record, left_weights), (right_record, right_weights) = left, right
     assert left_record["losses"] == pytest.approx(right_record["losses"], rel=1e-4)
     assert left_weights.keys() == right_weights.keys()
@@ -96,7 +80,9 @@ def _assert_same_training(left: tuple[dict, dict], right: tuple[dict, dict]) -> 
             third = len(value) // 3
             value, other = torch.cat([value[:third], value[2 * third:]]), torch.cat(
                 [other[:third], other[2 * third:]])
-        torch.testing.assert_close(value, other, rtol=1e-3, atol=1e-5, msg=name)
+        close = torch.isclose(value, other, rtol=1e-3, atol=1e-5)
+        assert close.float().mean() >= 0.999, (name, int((~close).sum()), value.numel())
+        assert float((value - other).abs().max()) <= 2 * LEARNING_RATE * STEPS, name
 
 
 def _logged(mined, result) -> list[str]:

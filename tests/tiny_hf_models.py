@@ -12,11 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
-    LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -24,9 +22,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-BOS, EOS, PAD, IMAGE = "<s>", "</s>", "<pad>", "<image>"
+from megapairs_dagster.retrieval.mllm_configs import (
+    IMAGE,
+    PATCH_SIZE,
+    byte_level_tokenizer,
+    llama_text_config,
+)
+
 IMAGE_SIZE = 32
-PATCH_SIZE = 8
 
 # Role markers differ from plain prompts so a test can tell the template was applied.
 TEXT_CHAT_TEMPLATE = (
@@ -51,44 +54,10 @@ _CORPUS = [
 
 def build_tokenizer(chat_template: str | None = TEXT_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A byte-level BPE (any text encodes) trained in memory, with bos/eos/pad/<image>."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=[PAD, BOS, EOS, IMAGE],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE},
-        chat_template=chat_template,
-    )
+    return byte_level_tokenizer(_CORPUS * 4, chat_template=chat_template)
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    # A wide initialisation gives peaked logits, so greedy ties (which float noise from
-    # padding could break either way) do not occur.
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+_text_config = llama_text_config
 
 
 def save_tiny_llm(directory: Path, *, chat_template: str | None = TEXT_CHAT_TEMPLATE) -> Path:

@@ -9,23 +9,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dagster import (
+    AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
-    AssetIn,
     AssetObservation,
     AssetsDefinition,
     MaterializeResult,
     MetadataValue,
     MultiPartitionsDefinition,
-    MultiToSingleDimensionPartitionMapping,
     StaticPartitionsDefinition,
     asset,
 )
 from PIL import Image
 
+from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.assets.plots import png_markdown
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
-from megapairs_dagster.assets.training import trained_model, training_partitions
+from megapairs_dagster.assets.training import trained_model
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.demo import write_demo_benchmark
 from megapairs_dagster.evaluation.datasets import (
@@ -65,14 +65,13 @@ def submission_relpath(benchmark: str, model: str, name: str) -> str:
     return f"benchmark_scores/{benchmark}/{model}/submission_{name}.json"
 
 
-def benchmark_by_model(
-    runs: Mapping[str, TrainingRun], benchmarks: Sequence[str]
-) -> MultiPartitionsDefinition:
-    """Benchmark × model, the model dimension being exactly ``mmret_clip``'s training runs, so
-    each score maps to the one checkpoint it scores."""
+def benchmark_by_model(models: Sequence[str], benchmarks: Sequence[str]
+                       ) -> MultiPartitionsDefinition:
+    """Benchmark × model, the model dimension being exactly the training runs of ``mmret_clip``
+    and ``mmret_mllm``, so each score maps to the one checkpoint it scores."""
     return MultiPartitionsDefinition(
         {"benchmark": StaticPartitionsDefinition(list(benchmarks)),
-         "model": training_partitions(runs)}
+         "model": StaticPartitionsDefinition(list(models))}
     )
 
 
@@ -174,18 +173,22 @@ TEST_SPLITS = {"circo": _circo_test, "cirr": _cirr_test}
 
 
 def build_scores_asset(
-    runs: Mapping[str, TrainingRun], benchmarks: Sequence[str]
+    runs: Mapping[str, TrainingRun], benchmarks: Sequence[str],
+    mllm_runs: Sequence[str] = (),
 ) -> AssetsDefinition:
-    """``benchmark_scores`` over the deployment's training runs and benchmarks; only a
-    deployment that scores the demo benchmark depends on it."""
+    """``benchmark_scores`` over the deployment's training runs (MMRet-CLIP's, then
+    MMRet-MLLM's) and benchmarks; only a deployment that scores the demo benchmark depends on
+    it. A score reads its model's record from the store, and depends on the training assets
+    as wholes: Dagster maps a model dimension to a single-dimension asset only when the two
+    hold the same keys, and this dimension holds both assets' runs."""
+    trainers = {run: "mmret_clip" for run in runs} | {run: "mmret_mllm" for run in mllm_runs}
 
     @asset(
-        partitions_def=benchmark_by_model(runs, benchmarks),
+        partitions_def=benchmark_by_model(list(trainers), benchmarks),
         group_name="evaluation",
-        ins={"mmret_clip": AssetIn(
-            partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
-        )},
-        deps=[AssetDep("demo_benchmark")] if "demo_cir" in benchmarks else [],
+        deps=[*(AssetDep(trainer, partition_mapping=AllPartitionMapping())
+                for trainer in sorted(set(trainers.values()))),
+              *([AssetDep("demo_benchmark")] if "demo_cir" in benchmarks else [])],
         output_required=False,
         code_version="1",
         pool=GPU_POOL,
@@ -201,7 +204,6 @@ def build_scores_asset(
     )
     def benchmark_scores(
         context: AssetExecutionContext,
-        mmret_clip: dict,
         store: ArtifactStore,
         benchmark_data: BenchmarkData,
     ):
@@ -224,8 +226,9 @@ def build_scores_asset(
         if test_unset:
             context.log.info(f"{benchmark} test-server files not written: set {test_unset[0]}")
         submit = TEST_SPLITS[benchmark](benchmark_data) if test_unset == [] else None
-        model = trained_model(mmret_clip, store)
-        checkpoint = mmret_clip.get("checkpoint") or json.dumps(mmret_clip["start"])
+        record = load_artifact(store.client(), artifact_relpath([trainers[model_name]], model_name))
+        model = trained_model(record, store)
+        checkpoint = record.get("checkpoint") or json.dumps(record["start"])
         # CIRCO's test split ranks val's gallery; the examples are the first val queries.
         with reusing_gallery_embeddings(), collecting_examples() as examples:
             metrics = score(model)

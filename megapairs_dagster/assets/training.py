@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from dagster import (
@@ -48,6 +49,7 @@ from megapairs_dagster.retrieval import (
     DEFAULT_HARD_NEGATIVES,
     HARD_NEGATIVE_MODES,
     MMRetCLIP,
+    MMRetMLLM,
     TrainConfig,
 )
 
@@ -91,6 +93,54 @@ def _launched(context: AssetExecutionContext, job: TrainingJob, nproc: int, work
     return record
 
 
+def train(context: AssetExecutionContext, store: ArtifactStore, image_index: pd.DataFrame,
+          nproc: int, **job: Any) -> dict:
+    """The result of the ``TrainingJob`` of ``job``'s fields, trained in the step's process or
+    by torchrun in ``nproc``; the job reads the store and a copy of the image index."""
+    with tempfile.TemporaryDirectory(prefix="mmret-job-") as workdir:
+        index_path = Path(workdir) / "image_index.parquet"
+        image_index.to_parquet(index_path)
+        training_job = TrainingJob(store=_settings(store), image_index=str(index_path), **job)
+        if nproc == 1:
+            return run_training(training_job, log=context.log.info)
+        return _launched(context, training_job, nproc, Path(workdir))
+
+
+def check_processes(training: Training, gpus: int) -> None:
+    """Refuse to train in more processes than the step asked GPUs for (or fewer)."""
+    if training.nproc_per_node != gpus:
+        raise ValueError(
+            f"training.nproc_per_node is {training.nproc_per_node} but the code location "
+            f"was built for {gpus} (the step's GPU request): reload it with the new setting"
+        )
+
+
+def trained_output(record: dict, result: dict, store: ArtifactStore, title: str) -> Output:
+    """The record of a finished training run, with its report as metadata."""
+    losses = result["losses"]
+    report = result["report"]
+    client = store.client()
+    return Output(
+        record,
+        # Each training run is a new checkpoint: its scores turn stale even when code and
+        # inputs are unchanged (Dagster would otherwise derive the same data version).
+        data_version=DataVersion(result["checkpoint"]),
+        metadata={
+            "samples_per_s": float(report["samples_per_s"]),
+            "seconds": float(report["seconds"]),
+            "final_loss": float(report["final_loss"]),
+            "processes": report["world_size"],
+            "resumed_from_step": report["resumed_from_step"],
+            **{key: value for key, value in result["data"].items() if isinstance(value, int)},
+            "checkpoint": MetadataValue.path(client.url(result["checkpoint"])),
+            "loss_curve": line_plot(
+                list(range(1, len(losses) + 1)), {"loss": losses},
+                xlabel="step", title=f"{title} training loss",
+            ),
+        },
+    )
+
+
 def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> AssetsDefinition:
     """``mmret_clip``, partitioned by the deployment's training runs; each step asks for
     ``gpus`` GPUs (``training.nproc_per_node``) and trains in that many processes."""
@@ -129,11 +179,7 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
             return Output({**record, "checkpoint": None},
                           metadata={"start": MetadataValue.json(source)},
                           data_version=DataVersion(json.dumps(source, sort_keys=True)))
-        if training.nproc_per_node != gpus:
-            raise ValueError(
-                f"training.nproc_per_node is {training.nproc_per_node} but the code location "
-                f"was built for {gpus} (the step's GPU request): reload it with the new setting"
-            )
+        check_processes(training, gpus)
         hard_negatives = run.hard_negatives or training.hard_negatives
         query_as_negative, negatives_per_item = HARD_NEGATIVE_MODES[hard_negatives]
         train_config = domain_config(
@@ -143,53 +189,26 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
         if run.data == "captions":
             train_config.batch_size *= IMAGES_PER_TRIPLET
             train_config.caption_loss_weight = 1.0
-        with tempfile.TemporaryDirectory(prefix="mmret-job-") as workdir:
-            index_path = Path(workdir) / "image_index.parquet"
-            image_index.to_parquet(index_path)
-            job = TrainingJob(
-                run=name, data=run.data, source=source, store=_settings(store),
-                image_index=str(index_path), config=asdict(train_config),
-                cache_images=training.cache_images,
-                checkpoint=f"mmret_clip/{name}/{context.run_id[:8]}",
-                hard_negatives=negatives_per_item,
-                views=list(run.views) if run.views else training.views,
-                export_transformers=training.export_transformers,
-                triplets_fraction=run.triplets_fraction,
-            )
-            if training.nproc_per_node == 1:
-                result = run_training(job, log=context.log.info)
-            else:
-                result = _launched(context, job, training.nproc_per_node, Path(workdir))
-        losses = result["losses"]
-        report = result["report"]
-        record.update(result, hard_negatives=hard_negatives)
-        client = store.client()
-        return Output(
-            record,
-            # Each training run is a new checkpoint: its scores turn stale even when code and
-            # inputs are unchanged (Dagster would otherwise derive the same data version).
-            data_version=DataVersion(result["checkpoint"]),
-            metadata={
-                "samples_per_s": float(report["samples_per_s"]),
-                "seconds": float(report["seconds"]),
-                "final_loss": float(report["final_loss"]),
-                "processes": report["world_size"],
-                "resumed_from_step": report["resumed_from_step"],
-                **{key: value for key, value in result["data"].items() if isinstance(value, int)},
-                "checkpoint": MetadataValue.path(client.url(result["checkpoint"])),
-                "loss_curve": line_plot(
-                    list(range(1, len(losses) + 1)), {"loss": losses},
-                    xlabel="step", title=f"MMRet-CLIP ({name}) training loss",
-                ),
-            },
+        result = train(
+            context, store, image_index, training.nproc_per_node,
+            run=name, data=run.data, source=source, config=asdict(train_config),
+            cache_images=training.cache_images,
+            checkpoint=f"mmret_clip/{name}/{context.run_id[:8]}",
+            hard_negatives=negatives_per_item,
+            views=list(run.views) if run.views else training.views,
+            export_transformers=training.export_transformers,
+            triplets_fraction=run.triplets_fraction,
         )
+        record.update(result, hard_negatives=hard_negatives)
+        return trained_output(record, result, store, f"MMRet-CLIP ({name})")
 
     return mmret_clip
 
 
-def trained_model(record: dict, store: ArtifactStore) -> MMRetCLIP:
-    """The model an ``mmret_clip`` record names: its checkpoint, or its start model when the
-    run trained nothing."""
+def trained_model(record: dict, store: ArtifactStore) -> MMRetCLIP | MMRetMLLM:
+    """The model an ``mmret_clip`` or ``mmret_mllm`` record names: its checkpoint, or its
+    start model when the run trained nothing."""
     if record.get("checkpoint"):
-        return MMRetCLIP.from_pretrained(store.client().local_dir(record["checkpoint"]))
+        kind = MMRetMLLM if record["start"].get("kind") == "mllm" else MMRetCLIP
+        return kind.from_pretrained(store.client().local_dir(record["checkpoint"]))
     return open_model(record["start"], store)

@@ -1,4 +1,5 @@
-"""The body of an ``mmret_clip`` training run, shared by the two ways the asset runs it.
+"""The body of an ``mmret_clip`` or ``mmret_mllm`` training run, shared by the two ways the
+assets run it (the start record's ``kind`` says which model).
 
 With ``training.nproc_per_node == 1`` the step's own process trains. With more, the step
 starts ``torchrun --nproc_per_node N -m megapairs_dagster.assets.training_run JOB`` through a
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import torch
 
 from megapairs_dagster.assets.triplets import triplet_store
 from megapairs_dagster.resources.store import ArtifactStore
@@ -36,12 +38,19 @@ from megapairs_dagster.retrieval import (
     CaptionSet,
     ExportedImages,
     MMRetCLIP,
+    MMRetMLLM,
     MMRetTrainingSet,
     TrainConfig,
     hf_clip,
     nested_subset,
     train_mmret,
     triplets_from_views,
+)
+from megapairs_dagster.retrieval.mllm_configs import DEMO_BASE, save_demo_llava_next
+from megapairs_dagster.retrieval.mmeb_train import (
+    composed_pairs,
+    mmeb_training_set,
+    read_mmeb_train,
 )
 from megapairs_dagster.retrieval.train import STATE_FILE
 from megapairs_dagster.synthesis.encoders import RecordedFiles
@@ -53,10 +62,12 @@ EXPORT = "megapairs_export"  # where the images training reads lie, one file eac
 TRAINING_COLUMNS = [*EXPORT_COLUMNS, "views", "shard", "config_hash"]
 
 
-def open_model(source: dict, store: ArtifactStore) -> MMRetCLIP:
+def open_model(source: dict, store: ArtifactStore) -> MMRetCLIP | MMRetMLLM:
     """The model a start record describes; the base encoder's files must still have the
     hashes ``base_encoders`` recorded."""
     client = store.client()
+    if source.get("kind") == "mllm":
+        return _open_mllm(source, client)
     if source["stored"]:
         return MMRetCLIP.from_pretrained(client.local_dir(source["pretrained"]))
     expected = RecordedFiles(source["files"], "base_encoders") if source.get("files") else None
@@ -64,6 +75,22 @@ def open_model(source: dict, store: ArtifactStore) -> MMRetCLIP:
         source["model_name"], source["pretrained"], cache_dir=str(client.cache_dir),
         expected_files=expected,
     )
+
+
+def _open_mllm(source: dict, client) -> MMRetMLLM:
+    """A fresh LoRA adapter on the LLaVA-NeXT base a start record names: a model name or
+    directory, a checkpoint in the store (a stage continuing from another), or the demo's
+    small model, built from its config (the same in every process)."""
+    options = {"lora_rank": source["lora_rank"], "lora_alpha": 2 * source["lora_rank"],
+               "image_side": source["image_side"],
+               "gradient_checkpointing": source["gradient_checkpointing"],
+               "dtype": torch.bfloat16 if source["bf16"] else None}
+    if source["stored"]:
+        return MMRetMLLM.from_llava_next(client.local_dir(source["base_model"]), **options)
+    if source["base_model"] != DEMO_BASE:
+        return MMRetMLLM.from_llava_next(source["base_model"], **options)
+    with tempfile.TemporaryDirectory(prefix="demo-llava-next-") as built:
+        return MMRetMLLM.from_llava_next(save_demo_llava_next(built), **options)
 
 
 @dataclass(frozen=True)
@@ -83,15 +110,18 @@ class TrainingJob:
     views: list[str] | None = None  # train on the pairs these views mined; None: all
     export_transformers: bool = False  # also save the transformers CLIPModel layout
     triplets_fraction: float | None = None  # a nested subset of the triplets; None: all
+    asset: str = "mmret_clip"  # whose run this is: where its resumable state lives
+    mmeb_train: dict | None = None  # data "mmeb_train": read_mmeb_train's arguments, images
 
     def state_key(self) -> str:
         """Where the resumable state lives: a new start, config or data starts afresh."""
         fixed = {"run": self.run, "data": self.data, "source": self.source,
                  "config": {k: v for k, v in self.config.items() if k != "num_workers"},
                  "hard_negatives": self.hard_negatives, "views": self.views,
-                 "triplets_fraction": self.triplets_fraction}
+                 "triplets_fraction": self.triplets_fraction,
+                 **({"mmeb_train": self.mmeb_train} if self.mmeb_train else {})}
         digest = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
-        return f"mmret_clip/{self.run}/state/{digest}/{STATE_FILE}"
+        return f"{self.asset}/{self.run}/state/{digest}/{STATE_FILE}"
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -158,6 +188,20 @@ def _caption_set(job: TrainingJob, store: ArtifactStore, index: pd.DataFrame, mo
     return dataset, {"captioned_images": len(table), "shards": sorted(set(index["shard"]))}
 
 
+def _mmeb_train_set(job: TrainingJob, model: MMRetMLLM, seed: int):
+    """MMEB-train's composed (image + text -> image) examples, the query image the only hard
+    negative (MMEB-train mines none)."""
+    settings = dict(job.mmeb_train)
+    images = settings.pop("images")
+    pairs, counts = composed_pairs(read_mmeb_train(**settings), images)
+    if not pairs:
+        raise RuntimeError(f"MMEB-train at {settings['root']}: no example with a query image and "
+                           f"a positive image ({counts})")
+    dataset = mmeb_training_set(pairs, preprocess=model.preprocess, tokenizer=model.tokenize,
+                                seed=seed, cache_images=job.cache_images, hard_negatives=1)
+    return dataset, {"examples": len(pairs), "per_subset": counts, "split": settings["split"]}
+
+
 def run_training(job: TrainingJob, log: Callable[[str], None]) -> dict | None:
     """Train, save the model to the store and return the run's record (rank 0; other ranks
     return None)."""
@@ -171,6 +215,8 @@ def run_training(job: TrainingJob, log: Callable[[str], None]) -> dict | None:
     config = TrainConfig(**job.config)
     if job.data == "captions":
         dataset, data = _caption_set(job, store, index, model)
+    elif job.data == "mmeb_train":
+        dataset, data = _mmeb_train_set(job, model, config.seed)
     else:
         dataset, data = _training_set(job, store, index, model, config.caption_loss_weight,
                                       config.seed)
@@ -197,7 +243,9 @@ def run_training(job: TrainingJob, log: Callable[[str], None]) -> dict | None:
     if rank != 0:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        client.upload_dir(model.save_pretrained(Path(tmp) / "model"), job.checkpoint)
+        # An MLLM's adapter is merged: a standalone LLaVA-NeXT, as the released weights are.
+        merged = {"merge_lora": True} if isinstance(model, MMRetMLLM) else {}
+        client.upload_dir(model.save_pretrained(Path(tmp) / "model", **merged), job.checkpoint)
         if job.export_transformers:
             exported = model.save_pretrained(Path(tmp) / "transformers", layout="transformers")
             client.upload_dir(exported, f"{job.checkpoint}/transformers")

@@ -41,17 +41,20 @@ def pipeline_stages(graph: "AssetGraph") -> tuple[Stage, ...]:
     level: dict[AssetKey, int] = {}
     for key in graph.toposorted_asset_keys:
         level[key] = 1 + max((level[parent] for parent in graph.get(key).parent_keys), default=-1)
-    placed: dict[tuple[int, str, bool], list[AssetKey]] = {}
+    placed: dict[tuple[int, str, bool, tuple[str, ...]], list[AssetKey]] = {}
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
         siblings = sorted(node.execution_set_asset_keys)
         condition = node.automation_condition
         baseline = condition is not None and condition.get_label() == BASELINE
-        place = (max(level[s] for s in siblings), _kind(node.partitions_def), baseline)
+        # fixed partitions split by their keys: mmret_clip's runs are not mmret_mllm's
+        keys = tuple(node.partitions_def.get_partition_keys()) if _kind(
+            node.partitions_def) == "fixed" else ()
+        place = (max(level[s] for s in siblings), _kind(node.partitions_def), baseline, keys)
         members = placed.setdefault(place, [])
         members.extend(s for s in siblings if s not in members)
     stages = []
-    for (_, kind, baseline), keys in sorted(placed.items()):
+    for (_, kind, baseline, _), keys in sorted(placed.items()):
         nodes = [graph.get(key) for key in keys]
         stages.append(Stage(
             assets=tuple(key.to_user_string() for key in keys),

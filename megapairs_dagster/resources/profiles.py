@@ -36,10 +36,12 @@ from megapairs_dagster.resources.settings import (
     Generation,
     Indexes,
     Mining,
+    MLLMTraining,
     Training,
 )
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.retrieval.data import HARD_NEGATIVE_MODES
+from megapairs_dagster.retrieval.mllm_configs import DEMO_BASE, IMAGE_SIDE
 from megapairs_dagster.synthesis.encoders import DEMO_DINO_IMAGE_SIZE
 from megapairs_dagster.synthesis.generation.prompts import PAPER_PROMPT_VERSION
 from megapairs_dagster.synthesis.views import VIEWS
@@ -129,6 +131,37 @@ PAPER_RUNS = {
 PRIMARY_RUN = {"demo": DEMO_SEEDS[0], "paper": "base"}  # what the studies vary
 
 
+MLLM_BASE = "base"  # an MLLM run that starts from mllm_training.base_model
+
+
+@dataclass(frozen=True)
+class MLLMRun:
+    """One partition of ``mmret_mllm``: its data and the model it starts from.
+
+    ``data="triplets"`` trains on the mined triplets, ``"mmeb_train"`` on MMEB's training set
+    (``mllm_training.mmeb_train``). ``start`` is ``base`` (``mllm_training.base_model`` with a
+    fresh LoRA adapter) or another MLLM run, whose merged checkpoint gets a fresh adapter: the
+    paper's stage 2 continues from stage 1 so.
+    """
+
+    data: Literal["triplets", "mmeb_train"] = "triplets"
+    start: str = MLLM_BASE
+    seed_offset: int = 0
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        if self.data not in ("triplets", "mmeb_train"):
+            raise ValueError(f"data must be triplets or mmeb_train, got {self.data!r}")
+
+
+# The paper's two stages: S1 on the mined triplets, S2 from S1 on MMEB-train.
+PAPER_MLLM_RUNS = {"mllm_s1": MLLMRun(), "mllm_s2": MLLMRun(data="mmeb_train", start="mllm_s1")}
+# The demo's small random LLaVA-NeXT on the demo triplets: minutes on a laptop CPU, so only
+# with MEGAPAIRS_DEMO_MLLM=1 (MEGAPAIRS_MLLM already names the paper's description model).
+DEMO_MLLM_ENV = "MEGAPAIRS_DEMO_MLLM"
+DEMO_MLLM_RUNS = {"mllm_demo": MLLMRun()}
+
+
 @dataclass(frozen=True)
 class Study:
     """Training runs compared along one axis, each point trained once per seed: the paper's
@@ -203,6 +236,12 @@ class Deployment:
     executor: str = "in_process"
     config_file: str | None = field(default=None)
     studies: dict[str, Study] = field(default_factory=dict)
+    mllm_runs: dict[str, MLLMRun] = field(default_factory=dict)
+
+    def __post_init__(self):
+        shared = sorted(set(self.training_runs) & set(self.mllm_runs))
+        if shared:  # benchmark_scores names a model by its run
+            raise ValueError(f"training runs {shared} are both MMRet-CLIP and MMRet-MLLM runs")
 
     def executor_definition(self) -> ExecutorDefinition:
         if self.executor == "in_process":
@@ -233,6 +272,9 @@ def _demo(home: str) -> tuple[dict[str, dict], dict[str, TrainingRun]]:
         "generation": {"backend": "template", "max_caption_changes": 2},
         "training": {"max_steps": 300, "learning_rate": 3e-5, "caption_loss_weight": 4.0,
                      "cache_images": 20_000},
+        # A random base: only the adapter learns, so it needs a large rate to move at all.
+        "mllm_training": {"base_model": DEMO_BASE, "image_side": IMAGE_SIDE, "max_steps": 60,
+                          "batch_size": 8, "learning_rate": 2e-3, "cache_images": 20_000},
     }
     return settings, DEMO_RUNS
 
@@ -268,6 +310,11 @@ def _paper() -> tuple[dict[str, dict], dict[str, TrainingRun]]:
                      "grad_accum_steps": 2, "nproc_per_node": 8, "warmup_steps": 0,
                      "hard_negatives": "query_and_mined", "checkpoint_every": 500,
                      "num_workers": 8, "export_transformers": True},
+        # MMRet-MLLM: LLaVA-1.6 (Mistral-7B) from MEGAPAIRS_MLLM_BASE, LoRA rank 32, bf16,
+        # gradient checkpointing; the learning rate is not in the paper (LoRA's usual 1e-4).
+        "mllm_training": {"base_model": EnvVar("MEGAPAIRS_MLLM_BASE"), "bf16": True,
+                          "gradient_checkpointing": True, "lora_rank": 32,
+                          "learning_rate": 1e-4, "checkpoint_every": 500, "num_workers": 8},
     }
     return settings, PAPER_RUNS
 
@@ -283,6 +330,7 @@ RESOURCE_TYPES: dict[str, type[ConfigurableResource]] = {
     "generation_server": GenerationServer,
     "benchmark_data": BenchmarkData,
     "training": Training,
+    "mllm_training": MLLMTraining,
 }
 
 
@@ -370,7 +418,11 @@ def load_deployment(
         key: RESOURCE_TYPES[key](**settings.get(key, {})) for key in RESOURCE_TYPES
     }
     resources["io_manager"] = ArtifactIOManager(store=resources["store"])
-    return Deployment(profile, resources, runs, executor, config_file, studies)
+    if profile == "paper":
+        mllm_runs = PAPER_MLLM_RUNS
+    else:
+        mllm_runs = DEMO_MLLM_RUNS if os.environ.get(DEMO_MLLM_ENV, "") not in ("", "0") else {}
+    return Deployment(profile, resources, runs, executor, config_file, studies, mllm_runs)
 
 
 def resources_for(profile: str | None = None, home: str | None = None) -> dict:

@@ -323,7 +323,7 @@ class MMRetMLLM(torch.nn.Module):
         query, positive, query_image, negative = embeddings.split(
             [size, size, size * query_as_negative, size * others]
         )
-        negatives = negative.view(size, others, -1)
+        negatives = negative.view(size, others, embeddings.shape[-1])  # others may be 0
         if query_as_negative:
             negatives = torch.cat([query_image[:, None], negatives], dim=1)
         return {"queries": query, "positives": positive, "negatives": negatives}

@@ -1,0 +1,115 @@
+"""Small LLaVA-NeXT (LLaVA-1.6) models built from configs, offline: the demo's MMRet-MLLM base.
+
+No weights can be downloaded where the demo runs, so the base model is random, built with a
+fixed seed: a 2-layer CLIP vision tower on 16-pixel tiles, a 2-layer Llama (width 64) and
+LLaVA-NeXT's "anyres" image processing with grid pinpoints up to 32x32, so a 32-pixel image
+becomes a base tile plus a 2x2 grid (5 tiles), as a 512-pixel image does on the 7B model's
+336-pixel tiles. The tokenizer is a byte-level BPE trained in memory (any text encodes).
+Only the LoRA adapter trains (``MMRetMLLM``), so such a model shows that the pipeline runs,
+not what the paper's 7B model scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from .mllm import CIR_TASK_INSTRUCTION, candidate_prompt, query_prompt
+
+BOS, EOS, PAD, IMAGE = "<s>", "</s>", "<pad>", "<image>"
+PATCH_SIZE = 8
+TILE_SIZE = 16  # the vision tower's input side
+IMAGE_SIDE = 32  # what MMRet-MLLM resizes every image to (the released model: 512)
+GRID_PINPOINTS = [[TILE_SIZE, 2 * TILE_SIZE], [2 * TILE_SIZE, TILE_SIZE], [IMAGE_SIDE, IMAGE_SIDE]]
+DEMO_BASE = "demo-llava-next"  # the MLLM training resource's base_model that means this model
+
+# What the demo's prompts hold: the prompt format, the task instruction and the demo's words.
+_DEMO_CORPUS = [
+    query_prompt("make it blue", IMAGE, CIR_TASK_INSTRUCTION), candidate_prompt(None, IMAGE),
+    ("a red green blue yellow purple orange white black gray brown circle square triangle star "
+     "on a background; change the colour, the shape, the size, the position; same but different"),
+]
+
+
+def byte_level_tokenizer(
+    corpus: Sequence[str], *, chat_template: str | None = None, vocab_size: int = 384
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``corpus`` in memory, with bos/eos/pad/<image>."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, IMAGE],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE}, chat_template=chat_template,
+    )
+
+
+def llama_text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """A 2-layer Llama of width 64. A wide initialisation gives peaked logits, so greedy ties
+    (which float noise from padding could break either way) do not occur."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def save_small_llava_next(
+    directory: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0
+) -> Path:
+    """Save the random model and its processor (around ``tokenizer``) to ``directory``."""
+    directory = Path(directory)
+    vision = CLIPVisionConfig(
+        image_size=TILE_SIZE, patch_size=PATCH_SIZE, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=llama_text_config(tokenizer).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_grid_pinpoints=GRID_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    LlavaNextForConditionalGeneration(config).save_pretrained(directory)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": TILE_SIZE},
+            crop_size={"height": TILE_SIZE, "width": TILE_SIZE},
+            image_grid_pinpoints=GRID_PINPOINTS,
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, as llava-hf's processors say
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def save_demo_llava_next(directory: str | Path, seed: int = 0) -> Path:
+    """The demo's base model (``DEMO_BASE``): the same every time it is built."""
+    return save_small_llava_next(directory, byte_level_tokenizer(_DEMO_CORPUS * 4), seed)
