@@ -188,7 +188,7 @@ def test_mmret_mllm_runs_are_scored_beside_mmret_clip_where_the_deployment_has_t
         paper.get(AssetKey("benchmark_scores")).partitions_def.get_partition_keys())
     mllm = load_deployment("paper").resources["mllm_training"]
     assert (mllm.base_model, mllm.lora_rank, mllm.bf16) == (
-        EnvVar("MEGAPAIRS_MLLM_BASE"), 32, True)
+        "llava-hf/llava-v1.6-mistral-7b-hf", 32, True)
 
     monkeypatch.setenv(DEMO_MLLM_ENV, "1")
     demo = build_definitions(load_deployment("demo", "home"))

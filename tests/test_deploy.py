@@ -323,8 +323,9 @@ def test_gpu_steps_carry_a_gpu_request_that_dagster_k8s_reads(shipped):
         parsed = get_user_defined_k8s_config(info["tags"])  # the executor's own parser
         limits = parsed.container_config.get("resources", {}).get("limits", {})
         if shipped["pools"][info["op"]] == GPU_POOL:
-            # Training asks for its processes' GPUs (deploy/config_paper.yaml: 8), others one.
-            gpus = "8" if info["op"] == "mmret_clip" else "1"
+            # Training (both retrievers) asks for its processes' GPUs (deploy/config_paper.yaml:
+            # 8), others one.
+            gpus = "8" if info["op"] in ("mmret_clip", "mmret_mllm") else "1"
             assert limits == {"nvidia.com/gpu": gpus}, step
         else:
             assert "nvidia.com/gpu" not in limits, step

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from megapairs_dagster.retrieval.mllm_configs import (
+from megapairs_dagster.offline_models import (
     IMAGE,
     PATCH_SIZE,
     byte_level_tokenizer,

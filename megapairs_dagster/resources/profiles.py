@@ -132,6 +132,7 @@ PRIMARY_RUN = {"demo": DEMO_SEEDS[0], "paper": "base"}  # what the studies vary
 
 
 MLLM_BASE = "base"  # an MLLM run that starts from mllm_training.base_model
+PAPER_MLLM_BASE = "llava-hf/llava-v1.6-mistral-7b-hf"
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,10 @@ def _paper() -> tuple[dict[str, dict], dict[str, TrainingRun]]:
                      "grad_accum_steps": 2, "nproc_per_node": 8, "warmup_steps": 0,
                      "hard_negatives": "query_and_mined", "checkpoint_every": 500,
                      "num_workers": 8, "export_transformers": True},
-        # MMRet-MLLM: LLaVA-1.6 (Mistral-7B) from MEGAPAIRS_MLLM_BASE, LoRA rank 32, bf16,
-        # gradient checkpointing; the learning rate is not in the paper (LoRA's usual 1e-4).
-        "mllm_training": {"base_model": EnvVar("MEGAPAIRS_MLLM_BASE"), "bf16": True,
+        # MMRet-MLLM: LLaVA-1.6 (Mistral-7B; a local copy through the config file, as for the
+        # encoders), LoRA rank 32, bf16, gradient checkpointing; the learning rate is not in
+        # the paper (LoRA's usual 1e-4).
+        "mllm_training": {"base_model": PAPER_MLLM_BASE, "bf16": True,
                           "gradient_checkpointing": True, "lora_rank": 32,
                           "learning_rate": 1e-4, "checkpoint_every": 500, "num_workers": 8},
     }

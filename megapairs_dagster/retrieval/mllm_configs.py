@@ -11,14 +11,11 @@ not what the paper's 7B model scores.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
-    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
@@ -26,10 +23,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from megapairs_dagster.offline_models import (
+    IMAGE,
+    PATCH_SIZE,
+    byte_level_tokenizer,
+    llama_text_config,
+)
+
 from .mllm import CIR_TASK_INSTRUCTION, candidate_prompt, query_prompt
 
-BOS, EOS, PAD, IMAGE = "<s>", "</s>", "<pad>", "<image>"
-PATCH_SIZE = 8
 TILE_SIZE = 16  # the vision tower's input side
 IMAGE_SIDE = 32  # what MMRet-MLLM resizes every image to (the released model: 512)
 GRID_PINPOINTS = [[TILE_SIZE, 2 * TILE_SIZE], [2 * TILE_SIZE, TILE_SIZE], [IMAGE_SIDE, IMAGE_SIDE]]
@@ -41,39 +43,6 @@ _DEMO_CORPUS = [
     ("a red green blue yellow purple orange white black gray brown circle square triangle star "
      "on a background; change the colour, the shape, the size, the position; same but different"),
 ]
-
-
-def byte_level_tokenizer(
-    corpus: Sequence[str], *, chat_template: str | None = None, vocab_size: int = 384
-) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on ``corpus`` in memory, with bos/eos/pad/<image>."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, IMAGE],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE}, chat_template=chat_template,
-    )
-
-
-def llama_text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    """A 2-layer Llama of width 64. A wide initialisation gives peaked logits, so greedy ties
-    (which float noise from padding could break either way) do not occur."""
-    return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def save_small_llava_next(
