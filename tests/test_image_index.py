@@ -46,9 +46,9 @@ def test_index_locates_every_image_and_names_missing_ones(store):
         locate(index, [1001, 7, 5000])
 
 
-def test_reads_only_the_row_groups_that_hold_the_rows(store, monkeypatch):
-    index = build_image_index(store, ["00000", "00001"])
-    read_groups = []
+def _counted_row_group_reads(monkeypatch) -> list[int]:
+    """The row groups read from now on, in order."""
+    read_groups: list[int] = []
     original = pq.ParquetFile.read_row_group
 
     def counting(self, group, *args, **kwargs):
@@ -56,6 +56,12 @@ def test_reads_only_the_row_groups_that_hold_the_rows(store, monkeypatch):
         return original(self, group, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    return read_groups
+
+
+def test_reads_only_the_row_groups_that_hold_the_rows(store, monkeypatch):
+    index = build_image_index(store, ["00000", "00001"])
+    read_groups = _counted_row_group_reads(monkeypatch)
     rows = read_images(store, index, [1998, 1000, 1003], ["caption", "jpeg"])
     assert rows.loc[1998, "caption"] == "caption 1998" and rows.loc[1003, "jpeg"] == b"\xeb" * 10
     assert sorted(rows.index) == [1000, 1003, 1998]
@@ -66,14 +72,7 @@ def test_reads_only_the_row_groups_that_hold_the_rows(store, monkeypatch):
 def test_images_come_a_row_group_at_a_time_in_storage_order(store, monkeypatch):
     """How the export reads every referenced image without holding them all."""
     index = build_image_index(store, ["00000", "00001"])
-    read_groups = []
-    original = pq.ParquetFile.read_row_group
-
-    def counting(self, group, *args, **kwargs):
-        read_groups.append(group)
-        return original(self, group, *args, **kwargs)
-
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    read_groups = _counted_row_group_reads(monkeypatch)
     wanted = list(range(1998, 999, -1))  # every image, newest id first
     chunks = list(iter_images(store, index, wanted, ["jpeg"], chunk_rows=256))
     assert [len(chunk) for chunk in chunks] == [256, 244, 256, 243]  # 1999 not asked for
