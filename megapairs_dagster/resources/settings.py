@@ -9,8 +9,11 @@ different precision is not a reason to recompute a corpus.
 import dataclasses
 from typing import Any, Literal, TypeVar
 
+import fsspec
 from dagster import ConfigurableResource
 from pydantic import Field
+
+from megapairs_dagster.storage import S3_PROTOCOLS, S3Retries
 
 
 def unversioned(default: Any = ..., **kwargs) -> Any:
@@ -69,7 +72,13 @@ class CorpusSource(ConfigurableResource):
     )
 
     def storage_options(self) -> dict:
-        return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
+        """fsspec options for the source; on S3 with the artifact store's default retries and
+        timeouts (botocore's legacy defaults would let a hung endpoint stall a shard)."""
+        options: dict[str, Any] = (
+            {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {})
+        if fsspec.utils.get_protocol(self.url) in S3_PROTOCOLS:
+            options["config_kwargs"] = S3Retries().config_kwargs()
+        return options
 
 
 class Encoders(ConfigurableResource):

@@ -30,14 +30,16 @@ from megapairs_dagster.artifacts import (
     write_table,
 )
 from megapairs_dagster.resources.settings import unversioned
-from megapairs_dagster.storage import ArtifactStoreClient
+from megapairs_dagster.storage import ArtifactStoreClient, S3Retries
 
 
 class ArtifactStore(ConfigurableResource):
     """Root of every artifact: a local folder, or ``s3://bucket/prefix`` through s3fs.
 
     S3 credentials are never configuration: s3fs reads them from the environment
-    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or an instance profile).
+    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or an instance profile). The retry and
+    timeout settings apply to an S3 store only; a read or write that still fails raises
+    ``ArtifactStoreError`` naming the object.
     """
 
     url: str = unversioned("data/artifacts", description="Local folder or s3://bucket/prefix.")
@@ -48,12 +50,27 @@ class ArtifactStore(ConfigurableResource):
         None, description="Local copies of a remote store's model folders; default: one "
         "folder per store URL under ~/.cache/megapairs (a local store is read in place).",
     )
+    retry_attempts: int = unversioned(
+        S3Retries.attempts, ge=1, description="Tries of each S3 request (the first included) "
+        "on 5xx, throttling, connection errors and timeouts, with jittered exponential backoff.",
+    )
+    connect_timeout_s: float = unversioned(
+        S3Retries.connect_timeout_s, gt=0, description="Seconds to open a connection to S3."
+    )
+    read_timeout_s: float = unversioned(
+        S3Retries.read_timeout_s, gt=0,
+        description="Seconds S3 may stay silent while a response is awaited or read.",
+    )
+
+    def s3_retries(self) -> S3Retries:
+        return S3Retries(self.retry_attempts, self.connect_timeout_s, self.read_timeout_s)
 
     def storage_options(self) -> dict[str, Any]:
         return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
 
     def client(self) -> ArtifactStoreClient:
-        return ArtifactStoreClient(self.url, self.storage_options(), self.cache_dir)
+        return ArtifactStoreClient(self.url, self.storage_options(), self.cache_dir,
+                                   self.s3_retries())
 
 
 class ArtifactUPathIOManager(UPathIOManager):
