@@ -8,6 +8,7 @@ The forkserver itself never runs torch, so no OpenMP thread pool exists when it 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -44,9 +45,17 @@ def materialize_step(home: str, shard: str, selection: list[str]) -> None:
     os._exit(0 if result.success else 1)
 
 
-def replace_shards_forever(root: str, frames: dict) -> None:
-    """Rewrite the given shards' table files in a loop until killed."""
+def replace_shards_forever(root: str, versions: dict, progress) -> None:
+    """Rewrite the given shards' table files in a loop until killed: round ``r`` replaces each
+    shard's rows with its version ``r % len(versions[shard])`` (a ``(triplets, images)`` pair).
+
+    ``progress`` is a shared array of two integers without a lock (a lock held by a killed
+    writer would stay held): ``[0]`` becomes 1 once the loop begins, ``[1]`` counts the
+    finished ``replace_shard`` calls, so the killer knows which call it interrupted.
+    """
     store = TripletStore(ArtifactStoreClient(root))
-    while True:
-        for shard, (triplets, images) in frames.items():
-            store.replace_shard(shard, triplets, images)
+    progress[0] = 1
+    for round_ in itertools.count():
+        for shard, shard_versions in versions.items():
+            store.replace_shard(shard, *shard_versions[round_ % len(shard_versions)])
+            progress[1] += 1

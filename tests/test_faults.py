@@ -20,11 +20,13 @@ import multiprocessing
 import os
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import fault_worker
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_SHARD
@@ -37,6 +39,7 @@ from megapairs_dagster.jobs.pipeline import (
     pipeline_stages,
     stages_upstream_of,
 )
+from megapairs_dagster.storage import ArtifactStoreClient
 from megapairs_dagster.synthesis.triplet_store import TripletStore
 
 pytestmark = pytest.mark.faults
@@ -244,3 +247,176 @@ def test_sigkill_at_random_points_of_every_per_shard_asset(reference, forks):
         rows = con.execute("SELECT * EXCLUDE (created_at) FROM triplets "
                            "ORDER BY query_id, target_id").fetchall()
     assert rows == reference_rows and store.duplicate_pairs() == 0
+
+
+WRITER_TRIALS = 8
+TABLE_SHARDS = ("00000", "00001", "00002")
+TABLE_FILES = {f"{shard}.parquet" for shard in TABLE_SHARDS}
+
+
+def shard_version(index: int, version: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows (triplets, images) of one version of a shard. The two versions share half their
+    pairs and differ in size and text, so a reader that saw a mix of them, or one of them
+    twice, would get rows that match neither."""
+    count = 400 - 80 * version
+    first = index * 100_000 + version * 200
+    ids = range(first, first + count)
+    triplets = pd.DataFrame({
+        "query_id": list(ids),
+        "target_id": [i + 50_000 for i in ids],
+        "instructions": [[f"v{version} make it {i}", f"v{version} show {i} instead"] for i in ids],
+        "hard_negative_ids": [[i + 1, i + 2] for i in ids],
+        "views": [["caption", "dino"] for _ in ids],
+        "scores": [[0.5, 0.25] for _ in ids],
+        "description": [f"version {version}: the pair {i} " + "and its change " * 8 for i in ids],
+        "generator_backend": "template", "description_model": "m", "instruction_model": "m",
+        "prompt_version": "v1", "config_hash": f"hash{version}",
+    })
+    images = pd.DataFrame({"image_id": list(ids), "caption": [f"v{version} image {i}" for i in ids],
+                           "uri": [f"file:///corpus#image_id={i}" for i in ids]})
+    return triplets, images
+
+
+def table_rows(store: TripletStore) -> dict[tuple[str, str], list[tuple]]:
+    """Each table's rows per shard, as a reader sees them through the DuckDB views."""
+    found: dict[tuple[str, str], list[tuple]] = {}
+    with store.connect() as con:
+        for table, key in (("triplets", "query_id, target_id"), ("images", "image_id")):
+            rows = con.execute(f"SELECT * EXCLUDE (created_at) FROM {table} "
+                               f"ORDER BY shard, {key}").fetchall()
+            position = [d[0] for d in con.description].index("shard")
+            for row in rows:
+                found.setdefault((table, row[position]), []).append(row)
+    return found
+
+
+def fingerprints(store: TripletStore) -> dict[tuple[str, str], tuple[int, int]]:
+    """(rows, sum of row hashes) of each table's shards through the DuckDB views: a cheap read
+    (so the reader polls often) that a missing, extra or changed row alters. Also checks that
+    no file but the shards' own is visible in the tables' folders."""
+    for table in ("triplets", "images"):
+        folder = Path(store.store.path("tables", table).path)
+        visible = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+        assert visible == TABLE_FILES, f"{table}: a reader sees {sorted(visible)}"
+    with store.connect() as con:
+        return connection_fingerprints(con)
+
+
+def connection_fingerprints(con) -> dict[tuple[str, str], tuple[int, int]]:
+    found = {}
+    for table in ("triplets", "images"):
+        for shard, rows, digest in con.execute(
+            f"SELECT shard, count(*), sum(hash(r)::HUGEINT) FROM "
+            f"(SELECT * EXCLUDE (created_at) FROM {table}) AS r GROUP BY shard"
+        ).fetchall():
+            found[(table, shard)] = (rows, digest)
+    return found
+
+
+def versions_seen(found: dict, versions: list[dict]) -> dict[tuple[str, str], int]:
+    """Which version each (table, shard) holds; raises when its rows are neither whole one."""
+    seen = {}
+    for key in versions[0]:
+        matches = [number for number, rows in enumerate(versions) if found.get(key) == rows[key]]
+        assert matches, f"{key}: rows {found.get(key)} match no version's {[v[key] for v in versions]}"
+        seen[key] = matches[0]
+    return seen
+
+
+class Reader(threading.Thread):
+    """Reads both tables through ``TripletStore`` until stopped, and records what it saw."""
+
+    def __init__(self, store: TripletStore, versions: list[dict]):
+        super().__init__()
+        self.store, self.versions = store, versions
+        self.stop = threading.Event()
+        self.reads, self.problems, self.seen = 0, [], set()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self.seen |= set(versions_seen(fingerprints(self.store), self.versions).values())
+                self.reads += 1
+            except Exception as error:  # noqa: BLE001 - reported with the kill point
+                self.problems.append(f"{type(error).__name__}: {error}"[:300])
+
+    def finish(self) -> Reader:
+        self.stop.set()
+        self.join()
+        return self
+
+
+def test_writers_killed_mid_commit_of_the_triplet_tables(tmp_path, forks):
+    """A process replacing shards' rows of ``triplets`` and ``images`` in a loop is SIGKILLed
+    at seeded points. A reader polling the DuckDB views throughout sees each shard's old or
+    new rows whole (never a part, never both), no temporary file, and after a rerun the
+    tables hold exactly a clean run's rows."""
+    frames = {shard: [shard_version(i, v) for v in (0, 1)] for i, shard in enumerate(TABLE_SHARDS)}
+    versions, clean_rows = [], None
+    for version in (0, 1):  # the clean runs: each version written once, uninterrupted
+        clean = TripletStore(ArtifactStoreClient(str(tmp_path / f"clean{version}")))
+        for shard in TABLE_SHARDS:
+            clean.replace_shard(shard, *frames[shard][version])
+        versions.append(fingerprints(clean))
+        clean_rows = table_rows(clean)  # version 1, which the reruns write
+    store = TripletStore(ArtifactStoreClient(str(tmp_path / "store")))
+    started = time.monotonic()
+    for shard in TABLE_SHARDS:  # the state each trial starts from: version 1 everywhere
+        store.replace_shard(shard, *frames[shard][1])
+    round_s = time.monotonic() - started
+    rng = random.Random(SEED)
+    trials, calls, readers = [], set(), []
+    for number in range(WRITER_TRIALS):
+        delay = round(rng.uniform(0.0, 10 * round_s), 4)
+        progress = forks.Array("q", 2, lock=False)  # started, finished replace_shard calls
+        process = forks.Process(target=fault_worker.replace_shards_forever,
+                                args=(str(tmp_path / "store"), frames, progress))
+        process.start()
+        deadline = time.monotonic() + 60
+        while not progress[0]:
+            assert time.monotonic() < deadline, "the writer did not start"
+            time.sleep(0.002)
+        reader = Reader(store, versions)
+        reader.start()
+        time.sleep(delay)
+        process.kill()
+        process.join()
+        readers.append(reader.finish())
+        call = progress[1]
+        calls.add(call)
+        shard, version = TABLE_SHARDS[call % len(TABLE_SHARDS)], (call // len(TABLE_SHARDS)) % 2
+        point = (f"trial {number}: SIGKILL at {delay * 1000:.1f} ms of the writer's loop "
+                 f"({round_s * 1000:.1f} ms a round), in replace #{call} (shard {shard} -> v{version})")
+        assert not reader.problems, f"{point}: a reader saw {reader.problems[:3]}"
+        after = versions_seen(fingerprints(store), versions)
+        hidden = sorted(p.name for p in (tmp_path / "store" / "tables").rglob(".*"))
+        assert all(name.endswith(".partial") for name in hidden), f"{point}: {hidden}"
+        trials.append(f"{point}; then images v{after[('images', shard)]}, triplets "
+                      f"v{after[('triplets', shard)]}; {reader.reads} reads during the trial; "
+                      f"{len(hidden)} hidden temporaries")
+        for rerun_shard in TABLE_SHARDS:  # the rerun
+            store.replace_shard(rerun_shard, *frames[rerun_shard][1])
+        assert table_rows(store) == clean_rows, f"{point}: the rerun differs from a clean run"
+        assert store.duplicate_pairs() == 0, point
+    print("\n" + "\n".join(trials))
+    # The reader was not idle (it read during every trial and saw both versions), and the kills
+    # fell in different calls of the loop.
+    assert all(r.reads for r in readers) and set().union(*(r.seen for r in readers)) == {0, 1}
+    assert len(calls) >= 3, trials
+
+
+def test_a_connection_reads_the_files_it_listed_while_a_writer_replaces_them(tmp_path):
+    """The deterministic form of the race the trials above hunt: DuckDB reopens a file by its
+    path between and within queries, so a shard replaced meanwhile used to reach it as the new
+    bytes under the old footer ("TProtocolException: Invalid data"). A connection reads the
+    version of each file it listed, whatever a writer renames over it later."""
+    frames = {shard: [shard_version(i, v) for v in (0, 1)] for i, shard in enumerate(TABLE_SHARDS)}
+    store = TripletStore(ArtifactStoreClient(str(tmp_path)))
+    for shard in TABLE_SHARDS:
+        store.replace_shard(shard, *frames[shard][0])
+    with store.connect() as con:
+        listed = connection_fingerprints(con)
+        for shard in TABLE_SHARDS:
+            store.replace_shard(shard, *frames[shard][1])
+        assert connection_fingerprints(con) == listed
+    assert fingerprints(store) != listed  # a new connection reads the new files

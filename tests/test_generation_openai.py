@@ -1,8 +1,9 @@
 """The openai backend against a scripted OpenAI-compatible server on loopback (no model).
 
 The server answers each chat completion with a text that echoes what the backend sent (seed,
-sampling settings, images), and can be told to fail, so retries, backoff, the model check, the
-key handling and the bounded concurrency are checked here in milliseconds; the same backend
+sampling settings, images), and can be told to fail or to go down mid-run, so retries, backoff,
+the model check, the key handling, the bounded concurrency and what a step keeps when its
+server goes down (issue 15, marker ``faults``) are checked here in seconds; the same backend
 against a real ``vllm serve`` is in test_generation_openai_vllm.py.
 """
 
@@ -11,14 +12,20 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pandas as pd
 import pytest
+from dagster import build_asset_context
 from fixtures_images import noise_jpeg, truncated_jpeg
 from PIL import Image
 
+from megapairs_dagster.assets.instructions import _chunked
+from megapairs_dagster.resources.store import ArtifactStore
+from megapairs_dagster.synthesis.chunked import config_hash
 from megapairs_dagster.synthesis.generation.backends import (
     BackendSettings,
     make_describer,
@@ -32,19 +39,30 @@ from megapairs_dagster.synthesis.generation.base import (
 from megapairs_dagster.synthesis.generation.errors import BackendUnavailable
 from megapairs_dagster.synthesis.generation.openai_backend import api_root
 from megapairs_dagster.synthesis.generation.parsing import BACKEND_ERROR
-from megapairs_dagster.synthesis.generation.run import generate_instructions
+from megapairs_dagster.synthesis.generation.run import INSTRUCTION_COLUMNS, generate_instructions
 
 MODEL = "tiny-llm"
+HANG_S = 3.0  # how long a hung server holds a request: well past the tests' request timeout
 
 
 class ScriptedServer:
     """A ThreadingHTTPServer on 127.0.0.1 whose answers a test scripts."""
 
-    def __init__(self, models=(MODEL,), delay_s: float = 0.0):
+    def __init__(self, models=(MODEL,), delay_s: float = 0.0, answer=None):
         self.models = list(models)
         self.delay_s = delay_s
-        self.failures: list[int] = []  # status codes to answer, one per request, before success
+        self.answer = answer or _echo  # the completion text for a request body
+        # What to answer, one per request, before success: a status code, or "truncated"
+        # (headers, then half the body, then the connection closed).
+        self.failures: list[int | str] = []
         self.always: int | None = None  # a status code to answer forever
+        # After ``down_after`` answers the server goes down: "gone" (it drops the request and
+        # stops listening), "hang" (it holds every request for HANG_S), "truncated", or a
+        # status code answered to every later request.
+        self.down_after: int | None = None
+        self.down_mode: int | str = "gone"
+        self.answered = 0
+        self.closed = False
         self.refused: str | None = None  # answer 400 to every request whose body contains this
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
@@ -73,6 +91,16 @@ class ScriptedServer:
                 else:
                     self._answer(404, {"error": "not found"})
 
+            def _cut_short(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b'{"choices": [')
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
@@ -80,25 +108,41 @@ class ScriptedServer:
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                    status = server.always or (server.failures.pop(0) if server.failures else 200)
+                    if server.down_after is not None and server.answered >= server.down_after:
+                        status = server.down_mode
+                    else:
+                        status = server.always or (server.failures.pop(0) if server.failures else 200)
                     if server.refused and server.refused in json.dumps(body):
                         status = 400
+                    server.answered += status == 200
                 try:
                     time.sleep(server.delay_s)
-                    if status != 200:
+                    if status == "gone":  # no answer, and new connections are refused
+                        threading.Thread(target=server.close, daemon=True).start()
+                    elif status == "hang":
+                        time.sleep(HANG_S)
+                    elif status == "truncated":
+                        self._cut_short()
+                    elif status != 200:
                         self._answer(status, {"error": f"scripted {status}"})
-                        return
-                    self._answer(200, {"choices": [{"message": {"content": _echo(body)}}]})
+                    else:
+                        self._answer(200, {"choices": [{"message": {"content": server.answer(body)}}]})
                 finally:
                     with server.lock:
                         server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def close(self):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -277,3 +321,82 @@ def test_the_api_key_comes_from_the_named_environment_variable_only(server, monk
 def test_the_openai_backend_needs_an_endpoint():
     with pytest.raises(ValueError, match="needs an endpoint"):
         make_instructor(settings(None))
+
+
+def _instructions(body: dict) -> str:
+    """Three valid instructions that depend on the request's seed (so on its pair)."""
+    seed = body["seed"]
+    return json.dumps([f"show variant {seed} of it", f"make it look like variant {seed}",
+                       f"turn this into variant {seed}"])
+
+
+def run_chunked(root, server: ScriptedServer, described: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The instructions step's chunked run (4 pairs a chunk, saved in the store at ``root``)
+    against ``server``, as the asset makes it; the chunks' key holds the backend's identity,
+    which leaves the endpoint's address out."""
+    instructor = make_instructor(settings(server.url, api_key_env="MEGAPAIRS_FAULT_KEY",
+                                          retry_backoff_s=0.01, request_timeout_s=0.5))
+    digest = config_hash({"step": "instruct", "backend": instructor.identity})
+
+    def work(chunk):
+        return generate_instructions(chunk, instructor, demonstrations=(), seed=7,
+                                     max_attempts=1, batch_size=2)
+
+    with build_asset_context() as context:
+        return _chunked(context, ArtifactStore(url=str(root)), "instructions", "00000", described,
+                        lambda item: item[0].pair_id, digest, 4, work, INSTRUCTION_COLUMNS)
+
+
+def saved_chunks(root) -> dict[str, pd.DataFrame]:
+    folder = root / "instructions" / "00000.chunks"
+    return {path.name: pd.read_parquet(path) for path in sorted(folder.glob("*.parquet"))}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("mode, symptom", [
+    ("gone", "ConnectionError"), (503, "HTTP 503"), ("hang", "ReadTimeout"),
+    ("truncated", "ChunkedEncodingError"),
+])
+def test_a_server_down_mid_run_fails_the_step_keeps_its_chunks_and_a_rerun_resumes(
+    tmp_path, monkeypatch, mode, symptom
+):
+    """The server goes down in the second of three chunks: the step raises after its retries
+    naming the endpoint and the attempts (not the key); the first chunk stays saved, and a
+    rerun against a server that is back (on another port) asks only for the other two chunks
+    and ends with the tables of a fault-free run."""
+    monkeypatch.setenv("MEGAPAIRS_FAULT_KEY", "sk-fault-secret")
+    described = [(pair(i), f"description {i}") for i in range(12)]
+    servers = [ScriptedServer(answer=_instructions) for _ in range(3)]
+    healthy, failing, back = servers
+    try:
+        expected = run_chunked(tmp_path / "clean", healthy, described)
+        assert len(expected[0]) == 12 and len(healthy.bodies) == 12
+        failing.down_after, failing.down_mode = 6, mode  # the first chunk and one batch answered
+        with pytest.raises(BackendUnavailable) as error:
+            run_chunked(tmp_path / "faulty", failing, described)
+        message = str(error.value)
+        assert f"generation endpoint {api_root(failing.url)} failed 3 times" in message
+        assert symptom in message and "sk-fault-secret" not in message
+        clean_chunks = saved_chunks(tmp_path / "clean")
+        kept = saved_chunks(tmp_path / "faulty")
+        assert len(kept) == 2 and all(kept[n].equals(clean_chunks[n]) for n in kept)  # rows, rejects
+        rows, rejects = run_chunked(tmp_path / "faulty", back, described)
+        resent = {body["seed"] for body in back.bodies}
+        assert len(back.bodies) == 8 and resent == {b["seed"] for b in healthy.bodies[4:]}
+    finally:
+        for server in servers:
+            server.close()
+    pd.testing.assert_frame_equal(rows, expected[0])
+    pd.testing.assert_frame_equal(rejects, expected[1])
+    assert saved_chunks(tmp_path / "faulty").keys() == clean_chunks.keys()
+
+
+@pytest.mark.faults
+def test_an_answer_cut_short_is_retried_rather_than_rejecting_the_pair(server):
+    """A connection dropped mid-answer (a restarting server, a proxy) is the endpoint's
+    fault, not the request's: rejected, the pair would be saved as a reject and never redone."""
+    instructor = make_instructor(settings(server.url))
+    server.failures = ["truncated"]
+    (output,) = instructor.instruct(instruction_requests(1))
+    assert output.startswith("seed=100 text=") and "description 0" in output
+    assert len(server.bodies) == 2

@@ -17,10 +17,12 @@ three tables (through the store's fsspec filesystem, as DuckDB's httpfs is not a
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+import resource
 import time
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 
 import duckdb
@@ -94,6 +96,8 @@ FILE_SCHEMAS = {
 }
 # A name becomes a file name and a DuckDB path (where these characters would glob).
 _FORBIDDEN_IN_NAMES = set("/\\*?[]{}")
+# Where Linux names a process's open files: a path there reopens the very file opened.
+_OPEN_FILES = "/proc/self/fd"
 
 
 def _to_arrow(frame: pd.DataFrame, schema: pa.Schema, table: str, shard: str) -> pa.Table:
@@ -256,6 +260,26 @@ class TripletStore:
         files = self._files("triplets", None)
         return [posixpath.basename(path).removesuffix(".parquet") for path in files]
 
+    def _pinned(self, files: list[str], stack: ExitStack) -> list[str]:
+        """Paths through which DuckDB reads the local ``files`` as they are now.
+
+        DuckDB opens a Parquet file by its path more than once in a query (its footer, then
+        each scan), so a writer renaming a new file over it in between would have it read the
+        new bytes with the old footer and fail ("Invalid data"). Each file is opened once here
+        and read through ``/proc/self/fd``, which keeps naming that file whatever is renamed
+        over its path later. Without ``/proc``, or with more files than a quarter of the open
+        file limit, the paths are returned as they are.
+        """
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if not (self.store.is_local and os.path.isdir(_OPEN_FILES)) or len(files) > limit // 4:
+            return files
+        pinned = []
+        for path in files:
+            descriptor = os.open(path, os.O_RDONLY)
+            stack.callback(os.close, descriptor)
+            pinned.append(f"{_OPEN_FILES}/{descriptor}")
+        return pinned
+
     @contextmanager
     def connect(
         self, shards: Collection[str] | None = None
@@ -263,34 +287,45 @@ class TripletStore:
         """An in-memory DuckDB connection with the views ``triplets``, ``images`` and
         ``benchmark_scores`` over the store's files.
 
-        The files are listed once, so every query on the connection sees the same shards.
-        ``shards`` limits ``triplets`` and ``images`` to those shards and reads no other file.
-        A table without files is an empty view with the full schema.
+        The files are listed once, so every query on the connection sees the same shards;
+        in a local store also the same version of each file (``_pinned``), even if a writer
+        replaces it meanwhile. ``shards`` limits ``triplets`` and ``images`` to those shards
+        and reads no other file. A table without files is an empty view with the full schema.
         """
-        with duckdb.connect() as connection:
+        with ExitStack() as pins, duckdb.connect() as connection:
             if not self.store.is_local:
                 connection.register_filesystem(self.store.fs)
             for table, schema in FILE_SCHEMAS.items():
-                files = self._files(table, None if table == "benchmark_scores" else shards)
-                if not files:
+                listed = self._files(table, None if table == "benchmark_scores" else shards)
+                if not listed:
                     connection.register(table, schema.empty_table())
                     continue
-                self._check_versions(connection, files)
-                listed = ", ".join(_sql_string(path) for path in files)
-                connection.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}])")
+                files = self._pinned(listed, pins)
+                self._check_versions(connection, files, listed)
+                paths = ", ".join(_sql_string(path) for path in files)
+                connection.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{paths}])")
             yield connection
 
     @staticmethod
-    def _check_versions(connection: duckdb.DuckDBPyConnection, files: list[str]) -> None:
-        """Refuse files of another schema version rather than mixing them into one view."""
-        found = dict(
-            connection.execute(
-                "SELECT file_name, decode(value) FROM parquet_kv_metadata(?) "
-                "WHERE decode(key) = ?",
-                [files, SCHEMA_VERSION_KEY],
-            ).fetchall()
-        )
-        wrong = [f"{path} ({found.get(path, 'none')})" for path in files
+    def _check_versions(
+        connection: duckdb.DuckDBPyConnection, files: list[str], names: list[str]
+    ) -> None:
+        """Refuse files of another schema version rather than mixing them into one view;
+        ``names`` are the files' paths in the store, for the messages."""
+        try:
+            found = dict(
+                connection.execute(
+                    "SELECT file_name, decode(value) FROM parquet_kv_metadata(?) "
+                    "WHERE decode(key) = ?",
+                    [files, SCHEMA_VERSION_KEY],
+                ).fetchall()
+            )
+        except duckdb.Error as error:  # e.g. not Parquet: named by its store path, not its pin
+            message = str(error)
+            for path, name in sorted(zip(files, names), key=lambda pair: -len(pair[0])):
+                message = message.replace(path, name)
+            raise type(error)(message) from error
+        wrong = [f"{name} ({found.get(path, 'none')})" for path, name in zip(files, names)
                  if found.get(path) != SCHEMA_VERSION]
         if wrong:
             raise RuntimeError(

@@ -8,11 +8,12 @@ image as base64 data URLs. The server applies the model's chat template, as the
 the same model; sampled outputs follow the server's own generator, seeded per request with the
 request's seed.
 
-Requests go out concurrently (``max_concurrency`` in flight); 429, 5xx, timeouts and
-connection errors are retried with exponential backoff. After the last retry the backend
-raises ``BackendUnavailable`` naming the endpoint, which ends the step with every saved chunk
-kept. Other 4xx answers concern one request (a prompt too long, say): they raise an ordinary
-error, which the driver records as a rejected batch.
+Requests go out concurrently (``max_concurrency`` in flight); 429, 5xx, timeouts,
+connection errors and answers cut short by a dropped connection are retried with exponential
+backoff. After the last retry the backend raises ``BackendUnavailable`` naming the endpoint
+and the attempts, which ends the step with every saved chunk kept. Other 4xx answers concern
+one request (a prompt too long, say): they raise an ordinary error, which the driver records
+as a rejected batch.
 
 HTTP goes through ``requests`` (already a dependency of Dagster's) rather than the ``openai``
 client, which is not installed here and would bring ``httpx``; the protocol used is four
@@ -42,6 +43,12 @@ from megapairs_dagster.synthesis.generation.images import (
 )
 
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# The server or the network went away: before or during the answer (ChunkedEncodingError is
+# a body cut short, e.g. by a server killed mid-answer; requests does not count it as a
+# ConnectionError, and unretried it would reject the pair as if the request were bad).
+RETRIED_ERRORS = (
+    requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError
+)
 MAX_BACKOFF_S = 60.0
 
 
@@ -105,7 +112,7 @@ class EndpointClient:
                 response = self._session().request(
                     method, url, json=body, headers=self._headers, timeout=self.timeout_s
                 )
-            except (requests.ConnectionError, requests.Timeout) as error:
+            except RETRIED_ERRORS as error:
                 last = f"{type(error).__name__}: {error}"
                 continue
             if response.status_code in RETRIED_STATUS:
