@@ -32,7 +32,8 @@ def build_definitions(deployment: Deployment) -> Definitions:
     """The code location of a deployment: its training runs are the partitions of training
     and scoring, asset code versions follow its configuration, its executor runs every job.
     Only the demo deployment has the demo benchmark; MMRet-MLLM is there only when its runs are
-    (the paper's; the demo's with ``MEGAPAIRS_DEMO_MLLM=1``), scored beside MMRet-CLIP. Each asset's policies (automation, code
+    (the paper's; the demo's with ``MEGAPAIRS_DEMO_MLLM=1``), scored by its own scores asset
+    into the same table and leaderboard as MMRet-CLIP. Each asset's policies (automation, code
     version inputs, pool, retries) are on its decorator; jobs follow the asset groups."""
     demo = deployment.profile == "demo"
     benchmarks = list(REAL_BENCHMARKS)
@@ -49,8 +50,10 @@ def build_definitions(deployment: Deployment) -> Definitions:
         build_training_asset(deployment.training_runs, gpus=gpus),
         *([build_mllm_training_asset(mllm, gpus=gpus)] if mllm else []),
         *([demo_benchmark] if demo else []),
-        build_scores_asset(deployment.training_runs, benchmarks, list(mllm)),
-        build_leaderboard_asset([*deployment.training_runs, *mllm], benchmarks),
+        build_scores_asset("benchmark_scores", list(deployment.training_runs), benchmarks),
+        *([build_scores_asset("mllm_benchmark_scores", list(mllm), benchmarks)] if mllm else []),
+        build_leaderboard_asset([*deployment.training_runs, *mllm], benchmarks,
+                                ["benchmark_scores", *(["mllm_benchmark_scores"] if mllm else [])]),
         *build_study_assets(deployment.studies, benchmarks),
     ]
     return Definitions(

@@ -112,11 +112,13 @@ def test_each_profile_has_its_own_training_runs():
     assert not any(key.startswith("demo_cir|") for key in scores.get_partition_keys())
     graph = paper.resolve_asset_graph()
     assert not graph.has(AssetKey("demo_benchmark"))
-    assert graph.get(AssetKey("benchmark_scores")).parent_keys == {
-        AssetKey("mmret_clip"), AssetKey("mmret_mllm")}
+    # each model family's scores depend on its own training asset, one partition per model
+    assert graph.get(AssetKey("benchmark_scores")).parent_keys == {AssetKey("mmret_clip")}
+    assert graph.get(AssetKey("mllm_benchmark_scores")).parent_keys == {AssetKey("mmret_mllm")}
     # one table of every score, its own group (and job): a group is one partitioning
     leaderboard = graph.get(AssetKey("leaderboard"))
-    assert leaderboard.parent_keys == {AssetKey("benchmark_scores")}
+    assert leaderboard.parent_keys == {AssetKey("benchmark_scores"),
+                                       AssetKey("mllm_benchmark_scores")}
     assert leaderboard.group_name == "evaluation_summary" and leaderboard.partitions_def is None
 
 
@@ -133,6 +135,9 @@ def test_a_deployment_config_file_reaches_resources_and_runs(tmp_path, monkeypat
         "training_runs:\n"
         "  base: {pretrained: /models/vit-b-16.pt}\n"
         "  base_long: {start: ViT-B-16, pretrained: /models/vit-b-16.pt, seed_offset: 3}\n"
+        "mllm_runs:\n"
+        "  mllm_s1: {max_steps: 500}\n"
+        "  mllm_s1_seed1: {seed_offset: 1}\n"
     )
     monkeypatch.setenv("MEGAPAIRS_CONFIG", str(config))
     deployment = load_deployment("paper")
@@ -146,6 +151,12 @@ def test_a_deployment_config_file_reaches_resources_and_runs(tmp_path, monkeypat
                                                            max_steps=15_000)
     assert deployment.training_runs["base_long"].seed_offset == 3
     assert _training_runs(build_definitions(deployment))[-1] == "base_long"
+    # MMRet-MLLM's runs the same way: the paper's S1 shortened, a second seed added
+    assert deployment.mllm_runs["mllm_s1"] == MLLMRun(max_steps=500)
+    assert deployment.mllm_runs["mllm_s2"] == MLLMRun(data="mmeb_train", start="mllm_s1")
+    graph = build_definitions(deployment).resolve_asset_graph()
+    assert graph.get(AssetKey("mmret_mllm")).partitions_def.get_partition_keys() == [
+        "mllm_s1", "mllm_s2", "mllm_s1_seed1"]
 
 
 @pytest.mark.parametrize(
@@ -154,6 +165,8 @@ def test_a_deployment_config_file_reaches_resources_and_runs(tmp_path, monkeypat
         ("resources: {encoder: {config: {}}}", "unknown resource 'encoder'"),
         ("resources: {compute: {config: {devise: cuda}}}", "no setting \\['devise'\\]"),
         ("training_runs: {base: {pretrain: x}}", "training_runs.base"),
+        ("mllm_runs: {s1: {data: captions}}", "mllm_runs.s1: data must be triplets"),
+        ("mllm_runs: {s2: {start: s0}}", "mllm_runs.s2 starts from 's0'"),
         ("stores: {}", "expected a mapping with `resources`"),
     ],
 )
@@ -184,8 +197,14 @@ def test_mmret_mllm_runs_are_scored_beside_mmret_clip_where_the_deployment_has_t
     assert node.partitions_def.get_partition_keys() == ["mllm_s1", "mllm_s2"]
     assert node.pools == {"gpu"} and node.group_name == "training_mllm"
     assert node.automation_condition is None  # launched deliberately, as mmret_clip
-    assert {"circo|mllm_s2", "circo|large"} <= set(
-        paper.get(AssetKey("benchmark_scores")).partitions_def.get_partition_keys())
+    scores = paper.get(AssetKey("mllm_benchmark_scores"))
+    assert "circo|mllm_s2" in scores.partitions_def.get_partition_keys()
+    assert "circo|mllm_s2" not in paper.get(
+        AssetKey("benchmark_scores")).partitions_def.get_partition_keys()
+    assert scores.group_name == "evaluation_mllm" and scores.pools == {"gpu"}
+    # the score of mllm_s2 reads mllm_s2's checkpoint and no other
+    mapping = paper.get_partition_mapping(AssetKey("mllm_benchmark_scores"), AssetKey("mmret_mllm"))
+    assert mapping.partition_dimension_name == "model"
     mllm = load_deployment("paper").resources["mllm_training"]
     assert (mllm.base_model, mllm.lora_rank, mllm.bf16) == (
         "llava-hf/llava-v1.6-mistral-7b-hf", 32, True)
@@ -194,7 +213,7 @@ def test_mmret_mllm_runs_are_scored_beside_mmret_clip_where_the_deployment_has_t
     demo = build_definitions(load_deployment("demo", "home"))
     jobs = {job.name: job for job in demo.resolve_all_job_defs()}
     assert jobs["training_mllm"].partitions_def.get_partition_keys() == ["mllm_demo"]
-    assert "demo_cir|mllm_demo" in jobs["evaluation"].partitions_def.get_partition_keys()
+    assert jobs["evaluation_mllm"].partitions_def.get_partition_keys() == ["demo_cir|mllm_demo"]
     with pytest.raises(ValueError, match=r"\['demo'\] are both"):
         dataclasses.replace(load_deployment("demo", "home"),
                             mllm_runs={"demo": MLLMRun()})

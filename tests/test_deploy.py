@@ -307,7 +307,8 @@ def test_placement_every_run_needs_is_in_op_tags_not_run_config(shipped):
     GPU nodes' toleration and the index pods' memory must come from the op tags."""
     steps = shipped["steps"]
     gpu_steps = {step for step, pool in shipped["pools"].items() if pool == GPU_POOL}
-    assert gpu_steps >= SYNTHESIS_GPU_STEPS | {"mmret_clip", "benchmark_scores"}
+    assert gpu_steps >= SYNTHESIS_GPU_STEPS | {
+        "mmret_clip", "benchmark_scores", "mmret_mllm", "mllm_benchmark_scores"}
     for step in gpu_steps:
         parsed = get_user_defined_k8s_config(steps[step]["tags"])
         assert [t["key"] for t in parsed.pod_spec_config["tolerations"]] == ["nvidia.com/gpu"]

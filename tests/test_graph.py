@@ -250,10 +250,6 @@ def test_one_run_can_generate_instructions_for_several_shards(two_shard_run):
         pd.testing.assert_frame_equal(again.reset_index(drop=True), earlier.reset_index(drop=True))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known regression: with mmret_mllm's runs in benchmark_scores' model dimension, Dagster "
-    "refuses the per-model partition mapping, so benchmark_scores depends on each training "
-    "asset as a whole and one retrained run marks every score stale (issue 14's note)"))
 def test_retraining_one_run_marks_exactly_its_scores_stale(two_shard_run):
     """benchmark_scores maps to the mmret_clip partition it scores, so Dagster's stale-status
     resolver (the one behind the UI) flags the retrained run's scores and no other."""

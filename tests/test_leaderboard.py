@@ -39,7 +39,8 @@ def test_leaderboard_tabulates_each_models_headline_metric(tmp_path):
     table = TripletStore(store.client())
     for (benchmark, model), metrics in SCORES.items():
         table.replace_scores(benchmark, model, metrics, checkpoint="c")
-    asset = build_leaderboard_asset(["base_encoder", "base", "large"], BENCHMARKS)
+    asset = build_leaderboard_asset(["base_encoder", "base", "large"], BENCHMARKS,
+                                    ["benchmark_scores"])
     result = materialize([asset], resources={"store": store})
     (materialization,) = result.asset_materializations_for_node("leaderboard")
     metadata = materialization.metadata

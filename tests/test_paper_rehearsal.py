@@ -374,7 +374,7 @@ def test_every_asset_materialised_for_every_shard_and_launched_partition(rehears
     # mmret_mllm is launched deliberately and the README's commands train MMRet-CLIP only: the
     # MLLM's stages are exercised by tests/test_training_mllm.py, not by this rehearsal.
     expected_partitions = {"mmret_clip": set(TRAINING_RUNS), "benchmark_scores": set(SCORED),
-                           "mmret_mllm": set()}
+                           "mmret_mllm": set(), "mllm_benchmark_scores": set()}
     problems = {}
     assert "demo_benchmark" not in rehearsal.asset_keys  # the demo's own benchmark
     for asset in rehearsal.asset_keys:

@@ -21,7 +21,7 @@ from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_benchmark
 from megapairs_dagster.evaluation.evaluate import evaluate_circo_format
 from megapairs_dagster.evaluation.readers import read_circo
-from megapairs_dagster.resources.profiles import DEMO_RUNS, MLLMRun
+from megapairs_dagster.resources.profiles import MLLMRun
 from megapairs_dagster.resources.settings import MLLMTraining
 from megapairs_dagster.retrieval import MMRetMLLM
 from megapairs_dagster.retrieval.mllm_configs import IMAGE_SIDE
@@ -30,13 +30,13 @@ from megapairs_dagster.retrieval.mmeb_train import composed_pairs, read_mmeb_tra
 pytestmark = pytest.mark.integration
 
 RUNS = {"s1": MLLMRun(), "s2": MLLMRun(data="mmeb_train", start="s1")}
-REPLACED = {AssetKey(name) for name in ("mmret_mllm", "benchmark_scores", "leaderboard")}
+REPLACED = {AssetKey(name) for name in ("mmret_mllm", "mllm_benchmark_scores", "leaderboard")}
 
 
 def _assets():
     return [*(a for a in defs.assets if not REPLACED & set(a.keys)),
             build_mllm_training_asset(RUNS),
-            build_scores_asset(DEMO_RUNS, ["demo_cir"], list(RUNS))]
+            build_scores_asset("mllm_benchmark_scores", list(RUNS), ["demo_cir"])]
 
 
 def _settings(**overrides) -> MLLMTraining:
@@ -105,9 +105,9 @@ def test_mllm_stages_train_and_are_scored_like_mmret_clip(mined, tmp_path):
     # Scored on a (small) demo benchmark as the evaluation scores the checkpoint directly.
     bench = write_demo_benchmark(tmp_path / "bench", num_queries=12, gallery_size=60)
     client.upload_dir(bench, "demo_benchmark")
-    scored = materialize(_assets(), selection=["benchmark_scores"], partition_key="demo_cir|s1",
-                         instance=instance, resources=resources)
-    (scores,) = scored.asset_materializations_for_node("benchmark_scores")
+    scored = materialize(_assets(), selection=["mllm_benchmark_scores"],
+                         partition_key="demo_cir|s1", instance=instance, resources=resources)
+    (scores,) = scored.asset_materializations_for_node("mllm_benchmark_scores")
     assert scores.metadata["checkpoint"].value == record["checkpoint"]
     gallery = sorted(str(int(p.stem)) for p in (bench / "images").glob("*.jpg"))
     direct = evaluate_circo_format(

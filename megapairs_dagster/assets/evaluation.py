@@ -4,25 +4,25 @@ test-server submission files and a picture of a few queries' retrievals."""
 import io
 import json
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from dagster import (
-    AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
+    AssetIn,
     AssetObservation,
     AssetsDefinition,
     MaterializeResult,
     MetadataValue,
     MultiPartitionsDefinition,
+    MultiToSingleDimensionPartitionMapping,
     StaticPartitionsDefinition,
     asset,
 )
 from PIL import Image
 
-from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.assets.plots import png_markdown
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS
 from megapairs_dagster.assets.training import trained_model
@@ -52,7 +52,6 @@ from megapairs_dagster.evaluation.examples import draw_examples, png_bytes
 from megapairs_dagster.evaluation.leaderboard import HEADLINES
 from megapairs_dagster.evaluation.readers import read_circo
 from megapairs_dagster.evaluation.submission import check_test_gallery, submission_json
-from megapairs_dagster.resources.profiles import TrainingRun
 from megapairs_dagster.resources.settings import BenchmarkData
 from megapairs_dagster.resources.store import ArtifactStore
 
@@ -67,12 +66,21 @@ def submission_relpath(benchmark: str, model: str, name: str) -> str:
 
 def benchmark_by_model(models: Sequence[str], benchmarks: Sequence[str]
                        ) -> MultiPartitionsDefinition:
-    """Benchmark × model, the model dimension being exactly the training runs of ``mmret_clip``
-    and ``mmret_mllm``, so each score maps to the one checkpoint it scores."""
+    """Benchmark × model, the model dimension being exactly the training runs of the scored
+    training asset, so each score maps to the one checkpoint it scores."""
     return MultiPartitionsDefinition(
         {"benchmark": StaticPartitionsDefinition(list(benchmarks)),
          "model": StaticPartitionsDefinition(list(models))}
     )
+
+
+# Which training asset each scores asset scores, with its group (a group is one job, and one
+# job has one partitioning): Dagster maps a score's model to a training partition only when
+# the model dimension holds exactly that asset's runs, so each model family has its own.
+SCORED_TRAINERS = {
+    "benchmark_scores": ("mmret_clip", "evaluation"),
+    "mllm_benchmark_scores": ("mmret_mllm", "evaluation_mllm"),
+}
 
 
 @asset(
@@ -173,37 +181,39 @@ TEST_SPLITS = {"circo": _circo_test, "cirr": _cirr_test}
 
 
 def build_scores_asset(
-    runs: Mapping[str, TrainingRun], benchmarks: Sequence[str],
-    mllm_runs: Sequence[str] = (),
+    name: str, runs: Sequence[str], benchmarks: Sequence[str]
 ) -> AssetsDefinition:
-    """``benchmark_scores`` over the deployment's training runs (MMRet-CLIP's, then
-    MMRet-MLLM's) and benchmarks; only a deployment that scores the demo benchmark depends on
-    it. A score reads its model's record from the store, and depends on the training assets
-    as wholes: Dagster maps a model dimension to a single-dimension asset only when the two
-    hold the same keys, and this dimension holds both assets' runs."""
-    trainers = {run: "mmret_clip" for run in runs} | {run: "mmret_mllm" for run in mllm_runs}
+    """A scores asset (``SCORED_TRAINERS``) over its training asset's runs and the deployment's
+    benchmarks; only a deployment that scores the demo benchmark depends on it. Each score
+    depends on the one training partition it scores, so retraining a run marks its scores
+    stale and no other."""
+    trainer, group = SCORED_TRAINERS[name]
 
     @asset(
-        partitions_def=benchmark_by_model(list(trainers), benchmarks),
-        group_name="evaluation",
-        deps=[*(AssetDep(trainer, partition_mapping=AllPartitionMapping())
-                for trainer in sorted(set(trainers.values()))),
-              *([AssetDep("demo_benchmark")] if "demo_cir" in benchmarks else [])],
+        name=name,
+        partitions_def=benchmark_by_model(runs, benchmarks),
+        group_name=group,
+        ins={"record": AssetIn(
+            key=trainer,
+            partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model"),
+        )},
+        deps=[AssetDep("demo_benchmark")] if "demo_cir" in benchmarks else [],
         output_required=False,
         code_version="1",
         pool=GPU_POOL,
         op_tags=GPU_TAGS,
-        description="Metrics of one training run's model on one benchmark, as the official "
-        "evaluation computes them; also rows of the `benchmark_scores` table, and a picture of "
-        "the first queries' top 5 (`examples`, ground truths framed in green). A benchmark "
-        "whose data is not configured is skipped: nothing is materialised, and an observation "
-        "on the partition (`skipped`) names the settings to set. With "
+        description=f"Metrics of one `{trainer}` training run's model on one benchmark, as the "
+        "official evaluation computes them; also rows of the `benchmark_scores` table, and a "
+        "picture of the first queries' top 5 (`examples`, ground truths framed in green). A "
+        "benchmark whose data is not configured is skipped: nothing is materialised, and an "
+        "observation on the partition (`skipped`) names the settings to set. With "
         "`benchmark_data.<circo|cirr>_test_annotations` set, the "
         "model also ranks the test split into the test server's submission files, written "
         "beside the scores (`benchmark_scores/<benchmark>/<model>/submission_*.json`).",
     )
-    def benchmark_scores(
+    def scores(
         context: AssetExecutionContext,
+        record: dict,
         store: ArtifactStore,
         benchmark_data: BenchmarkData,
     ):
@@ -226,7 +236,6 @@ def build_scores_asset(
         if test_unset:
             context.log.info(f"{benchmark} test-server files not written: set {test_unset[0]}")
         submit = TEST_SPLITS[benchmark](benchmark_data) if test_unset == [] else None
-        record = load_artifact(store.client(), artifact_relpath([trainers[model_name]], model_name))
         model = trained_model(record, store)
         checkpoint = record.get("checkpoint") or json.dumps(record["start"])
         # CIRCO's test split ranks val's gallery; the examples are the first val queries.
@@ -254,7 +263,7 @@ def build_scores_asset(
             }
         )
 
-    return benchmark_scores
+    return scores
 
 
 def _write_submissions(store: ArtifactStore, benchmark: str, model_name: str,

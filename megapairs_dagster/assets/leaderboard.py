@@ -12,14 +12,16 @@ from megapairs_dagster.evaluation.leaderboard import leaderboard, leaderboard_ma
 from megapairs_dagster.resources.store import ArtifactStore
 
 
-def build_leaderboard_asset(models: Sequence[str], benchmarks: Sequence[str]) -> AssetsDefinition:
-    """The leaderboard of the deployment's training runs on its benchmarks."""
+def build_leaderboard_asset(models: Sequence[str], benchmarks: Sequence[str],
+                            scores: Sequence[str]) -> AssetsDefinition:
+    """The leaderboard of the deployment's training runs on its benchmarks, rebuilt after any
+    of its ``scores`` assets (one per model family) changes."""
 
     @asset(
         name="leaderboard",
         # beside "evaluation": a group is one job, and this one is not partitioned
         group_name="evaluation_summary",
-        deps=[AssetDep("benchmark_scores")],
+        deps=[AssetDep(name) for name in scores],
         automation_condition=summary_after_updates(),
         code_version="1",
         description="Headline metric of every model on every benchmark (CIRCO mAP@5, CIRR R@1 "
