@@ -53,7 +53,6 @@ def _demo(args: argparse.Namespace) -> None:
     )
     from megapairs_dagster.resources.profiles import (
         DEMO_CONTROL,
-        DEMO_RUNS,
         DEMO_SEEDS,
         load_deployment,
     )
@@ -80,7 +79,8 @@ def _demo(args: argparse.Namespace) -> None:
     summary["triplets"] = database.counts()
     summary["export"] = client.url("megapairs_export")
     print("\n" + format_summary(summary))
-    training = training_reports(client, tuple(DEMO_RUNS))
+    training = training_reports(client, {run: "mmret_clip" for run in deployment.training_runs}
+                                | {run: "mmret_mllm" for run in deployment.mllm_runs})
     scores = database.scores_frame()
     print("\n" + format_scores(scores, seeds=DEMO_SEEDS, control=DEMO_CONTROL, training=training))
     for name, study in deployment.studies.items():  # with MEGAPAIRS_STUDIES set

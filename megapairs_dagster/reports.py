@@ -2,7 +2,7 @@
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact
 from megapairs_dagster.storage import ArtifactStoreClient
@@ -109,13 +109,13 @@ def reported_metrics(metrics) -> tuple[str, ...]:
     return next((f for f in METRIC_FAMILIES if f[0] in present and f[-1] in present), ())
 
 
-def training_reports(store: ArtifactStoreClient, runs: Sequence[str]) -> dict[str, dict]:
-    """The training report (steps, seconds, samples/s, final loss) of each ``mmret_clip`` run
-    that has a record."""
+def training_reports(store: ArtifactStoreClient, runs: Mapping[str, str]) -> dict[str, dict]:
+    """The training report (steps, seconds, samples/s, final loss) of each run that has a
+    record, ``runs`` naming each run's training asset (``mmret_clip`` or ``mmret_mllm``)."""
     reports = {}
-    for run in runs:
+    for run, trainer in runs.items():
         try:
-            record = load_artifact(store, artifact_relpath(["mmret_clip"], run))
+            record = load_artifact(store, artifact_relpath([trainer], run))
         except FileNotFoundError:
             continue
         if "report" in record:  # a zero-step run (the base encoder) trained nothing

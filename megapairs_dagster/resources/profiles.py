@@ -241,8 +241,12 @@ class Deployment:
 
     def __post_init__(self):
         shared = sorted(set(self.training_runs) & set(self.mllm_runs))
-        if shared:  # benchmark_scores names a model by its run
+        if shared:  # the benchmark_scores table names a model by its run
             raise ValueError(f"training runs {shared} are both MMRet-CLIP and MMRet-MLLM runs")
+        for name, run in self.mllm_runs.items():
+            if run.start != MLLM_BASE and run.start not in self.mllm_runs:
+                raise ValueError(f"mllm_runs.{name} starts from {run.start!r}, which is neither "
+                                 f"{MLLM_BASE!r} nor one of the MLLM runs {sorted(self.mllm_runs)}")
 
     def executor_definition(self) -> ExecutorDefinition:
         if self.executor == "in_process":
@@ -337,14 +341,15 @@ RESOURCE_TYPES: dict[str, type[ConfigurableResource]] = {
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
-    """A deployment config: ``resources: {key: {config: {...}}}`` and ``training_runs``."""
+    """A deployment config: ``resources: {key: {config: {...}}}``, ``training_runs`` and
+    ``mllm_runs``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{CONFIG_ENV}={path}: no such file")
     data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or set(data) - {"resources", "training_runs"}:
+    if not isinstance(data, dict) or set(data) - {"resources", *RUN_KINDS}:
         raise DeploymentConfigError(
-            f"{path}: expected a mapping with `resources` and/or `training_runs`, "
+            f"{path}: expected a mapping with `resources`, `training_runs` and/or `mllm_runs`, "
             f"got keys {sorted(data) if isinstance(data, dict) else type(data).__name__}"
         )
     return data
@@ -377,17 +382,22 @@ def _merge_resources(settings: dict[str, dict], overrides: dict, source: str) ->
     return merged
 
 
-def _merge_runs(runs: dict[str, TrainingRun], overrides: dict, source: str) -> dict:
+# The config file's run sections: the partitions of mmret_clip and of mmret_mllm.
+RUN_KINDS = {"training_runs": TrainingRun, "mllm_runs": MLLMRun}
+
+
+def _merge_runs(runs: dict, overrides: dict, source: str, section: str = "training_runs") -> dict:
+    """``runs`` with a config file's section laid over it: a known run's settings changed, a
+    new name added as a run."""
+    kind = RUN_KINDS[section]
     merged = dict(runs)
     for name, values in (overrides or {}).items():
         if not isinstance(values, dict):
-            raise DeploymentConfigError(
-                f"{source}: training_runs.{name} must be a mapping of settings"
-            )
+            raise DeploymentConfigError(f"{source}: {section}.{name} must be a mapping of settings")
         try:
-            merged[name] = TrainingRun(**{**merged.get(name, TrainingRun()).__dict__, **values})
+            merged[name] = kind(**{**merged.get(name, kind()).__dict__, **values})
         except (TypeError, ValueError) as error:
-            raise DeploymentConfigError(f"{source}: training_runs.{name}: {error}") from error
+            raise DeploymentConfigError(f"{source}: {section}.{name}: {error}") from error
     return merged
 
 
@@ -403,11 +413,16 @@ def load_deployment(
         settings, runs = _demo(home or os.environ.get("MEGAPAIRS_HOME", "data"))
     else:
         settings, runs = _paper()
+    if profile == "paper":
+        mllm_runs = PAPER_MLLM_RUNS
+    else:
+        mllm_runs = DEMO_MLLM_RUNS if os.environ.get(DEMO_MLLM_ENV, "") not in ("", "0") else {}
     config_file = config_file or os.environ.get(CONFIG_ENV) or None
     if config_file:
         data = read_config_file(config_file)
         settings = _merge_resources(settings, data.get("resources"), str(config_file))
         runs = _merge_runs(runs, data.get("training_runs"), str(config_file))
+        mllm_runs = _merge_runs(mllm_runs, data.get("mllm_runs"), str(config_file), "mllm_runs")
     studies: dict[str, Study] = {}
     seeds = int(os.environ.get(STUDIES_ENV) or 0)
     if seeds:
@@ -420,10 +435,6 @@ def load_deployment(
         key: RESOURCE_TYPES[key](**settings.get(key, {})) for key in RESOURCE_TYPES
     }
     resources["io_manager"] = ArtifactIOManager(store=resources["store"])
-    if profile == "paper":
-        mllm_runs = PAPER_MLLM_RUNS
-    else:
-        mllm_runs = DEMO_MLLM_RUNS if os.environ.get(DEMO_MLLM_ENV, "") not in ("", "0") else {}
     return Deployment(profile, resources, runs, executor, config_file, studies, mllm_runs)
 
 
