@@ -3,14 +3,16 @@ its own partitions only, a partition backfill launched over GraphQL completes, a
 with the README's `dagster job launch` command is started by the daemon, and the README's
 `dagster asset materialize --partition` recomputes one shard of one asset.
 
-Every run goes out of process (one subprocess per run), so this takes a few minutes.
+Every run goes out of process (one subprocess per run), so this takes a few minutes: each run
+spends its time importing the code location, not in its steps (tests/dagster_server.py).
 """
 
 import subprocess
 import time
+from datetime import datetime, timezone
 
 import pytest
-from dagster import AssetKey, DagsterEventType
+from dagster import AssetKey, DagsterEventType, DagsterRunStatus, RunsFilter
 from dagster_server import DAGSTER, REPO, running_server
 
 from megapairs_dagster.artifacts import artifact_relpath, load_artifact
@@ -28,6 +30,7 @@ PER_SHARD = [key.to_user_string() for key in GRAPH.toposorted_asset_keys
              if GRAPH.get(key).partitions_def == shards]
 GLOBAL = ["base_encoders", "image_index", *(f"knn_index_{v}" for v in VIEWS), "view_report",
           "megapairs_export"]
+AUTOMATION = "megapairs_automation"
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +43,17 @@ def _counts(server, names):
 
 
 def _idle(server) -> bool:
-    from dagster import DagsterRunStatus, RunsFilter
-
     busy = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
             DagsterRunStatus.STARTED]
     return not server.instance.get_runs(RunsFilter(statuses=busy), limit=1)
+
+
+def _automation_ticks_request_nothing(server, count: int = 2) -> None:
+    """Wait for ``count`` automation ticks that start from now (not a fixed sleep: a tick takes
+    seconds under load) and assert they requested no run."""
+    ticks = server.wait_for_ticks(AUTOMATION, count, after=time.time())
+    requested = {tick.tick_id: list(tick.run_ids) for tick in ticks if tick.run_ids}
+    assert not requested, f"automation requested runs after the work was done: {requested}"
 
 
 def _latest_storage_id(server, asset: str, partition: str | None = None) -> int:
@@ -77,7 +86,7 @@ def test_a_new_shard_flows_through_its_own_partitions_only(server):
         and server.materializations("megapairs_export")[None] == 2 and _idle(server),
         timeout=600,
     )
-    time.sleep(12)  # two more automation ticks: nothing else may start
+    _automation_ticks_request_nothing(server)  # two more automation ticks: nothing else may start
     assert _idle(server)
     after = _counts(server, PER_SHARD + GLOBAL)
     for name in PER_SHARD:
@@ -100,7 +109,8 @@ def test_a_new_shard_flows_through_its_own_partitions_only(server):
         assert index_id < _latest_storage_id(server, f"neighbors_{view}", "00001")
         index = load_artifact(store, artifact_relpath([f"knn_index_{view}"], None))
         assert index.produced_by["shards"] == ["00000", "00001"]
-    print(f"\nautomation timings: {timings}")
+    print(f"\nautomation timings: { {k: round(v) for k, v in timings.items()} }, "
+          f"{len(server.instance.get_run_ids())} runs")
 
 
 def test_partition_backfill_over_graphql(server):
@@ -135,7 +145,7 @@ def test_partition_backfill_over_graphql(server):
     print(f"\nbackfill of image_pairs over 2 shards: {seconds:.0f}s, status {status['value']}")
     after = _counts(server, ["image_pairs", "pair_descriptions"])
     assert after["image_pairs"] == {k: v + 1 for k, v in before["image_pairs"].items()}
-    time.sleep(12)
+    server.wait_for_ticks(AUTOMATION, 2, after=time.time())
     # downstream partitions are now stale, not missing: automation leaves them alone
     assert _counts(server, ["pair_descriptions"]) == {"pair_descriptions": before["pair_descriptions"]}
 
@@ -144,21 +154,34 @@ def test_dagster_job_launch_as_the_readme_shows(server):
     if "00000" not in server.materializations("embeddings_clip_image"):
         pytest.skip("needs the shard materialised by the automation test")
     before = _counts(server, INGEST_AND_EMBED)
+    launched_after = datetime.now(timezone.utc)
     command = [str(DAGSTER), "job", "launch", "-m", "megapairs_dagster.definitions",
                "-j", "ingest_and_embed", "--tags", '{"dagster/partition": "00000"}']
     launched = subprocess.run(command, check=False, cwd=REPO, env=server.env, capture_output=True,
                               text=True, timeout=180)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     # The instance queues runs (config/dagster.yaml); the server's daemon dequeues and runs it.
+    # Also waited for: the instance idle. The re-ingest makes automation rebuild the global
+    # indexes and the export (~1 minute of other runs); in trials, not waiting for them moved
+    # much of that time into the next test and the teardown (runs killed mid-import).
+    def launched_runs():
+        return server.instance.get_runs(RunsFilter(job_name="ingest_and_embed",
+                                                   created_after=launched_after))
+
     seconds = server.wait_for(
         "the launched ingest_and_embed run",
         lambda: all(server.materializations(name)["00000"] == before[name]["00000"] + 1
-                    for name in INGEST_AND_EMBED) and _idle(server),
+                    for name in INGEST_AND_EMBED)
+        and [run.status for run in launched_runs()] == [DagsterRunStatus.SUCCESS]
+        and _idle(server),
         timeout=300,
     )
     print(f"\ndagster job launch -j ingest_and_embed: done after {seconds:.0f}s")
     after = _counts(server, INGEST_AND_EMBED)
     assert all(after[name]["00001"] == before[name]["00001"] for name in INGEST_AND_EMBED)
+    other_shard = server.instance.get_runs(RunsFilter(created_after=launched_after,
+                                                      tags={"dagster/partition": "00001"}))
+    assert not other_shard, [(run.run_id, run.asset_selection) for run in other_shard]
 
 
 def test_dagster_asset_materialize_one_partition_as_the_readme_shows(server):
