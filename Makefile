@@ -66,7 +66,7 @@ lint: install
 	$(VENV)/bin/ruff check megapairs_dagster tests bench
 
 # Every bench script (each writes bench/results/<name>.json), then one table of all the ratios,
-# bench/results/summary.json and summary.png; estimated ~20-25 minutes on 2 cores (docs/benchmarks/README.md).
+# bench/results/summary.json and summary.png; 11 minutes on 2 cores (docs/benchmarks/README.md).
 bench: install vllm-env
 	$(PY) bench/report.py --run
 

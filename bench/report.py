@@ -3,7 +3,7 @@ they wrote to bench/results/, prints one table, writes bench/results/summary.jso
 bench/results/summary.png.
 
 Each script also runs alone and writes the JSON read here (``--json``). ``--run`` runs them
-with the arguments in RUNS, chosen so that all of them take under ~20 minutes on a 2-core
+with the arguments in RUNS, chosen so that all of them take about 11 minutes on a quiet 2-core
 machine; ``--only`` runs some of them. The table shows every JSON there, whichever run wrote
 it (each row carries its file's date); a missing one is listed as such.
 
