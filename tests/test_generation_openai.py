@@ -1,7 +1,8 @@
 """The openai backend against a scripted OpenAI-compatible server on loopback (no model).
 
-The server answers each chat completion with a text that echoes what the backend sent (seed,
-sampling settings, images), and can be told to fail or to go down mid-run, so retries, backoff,
+The server answers each completion with a text that echoes what the backend sent (seed,
+sampling settings, images; the instruction step's token ids decoded with the tests' offline
+tokenizer, the one the backend is given), and can be told to fail or to go down mid-run, so retries, backoff,
 the model check, the key handling, the bounded concurrency and what a step keeps when its
 server goes down (issue 15, marker ``faults``) are checked here in seconds; the same backend
 against a real ``vllm serve`` is in test_generation_openai_vllm.py.
@@ -10,9 +11,11 @@ against a real ``vllm serve`` is in test_generation_openai_vllm.py.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import socket
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +25,7 @@ import pytest
 from dagster import build_asset_context
 from fixtures_images import noise_jpeg, truncated_jpeg
 from PIL import Image
+from tiny_hf_models import build_tokenizer
 
 from megapairs_dagster.assets.instructions import _chunked
 from megapairs_dagster.resources.store import ArtifactStore
@@ -43,6 +47,28 @@ from megapairs_dagster.synthesis.generation.run import INSTRUCTION_COLUMNS, gene
 
 MODEL = "tiny-llm"
 HANG_S = 3.0  # how long a hung server holds a request: well past the tests' request timeout
+_TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="openai-tokenizer-")  # removed at exit
+
+
+@functools.cache
+def tokenizer_dir() -> str:
+    """The instruction model's tokenizer, saved where the backend loads it from."""
+    build_tokenizer().save_pretrained(_TOKENIZER_DIR.name)
+    return _TOKENIZER_DIR.name
+
+
+@functools.cache
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir())
+
+
+def prompt_text(body: dict) -> str:
+    """The prompt a request carries, as text: a /v1/completions prompt's ids decoded."""
+    if "prompt" in body:
+        return tokenizer().decode(body["prompt"])
+    return json.dumps(body["messages"])
 
 
 class ScriptedServer:
@@ -65,6 +91,7 @@ class ScriptedServer:
         self.closed = False
         self.refused: str | None = None  # answer 400 to every request whose body contains this
         self.bodies: list[dict] = []
+        self.paths: list[str] = []
         self.headers: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -105,6 +132,7 @@ class ScriptedServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.bodies.append(body)
+                    server.paths.append(self.path)
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -112,7 +140,7 @@ class ScriptedServer:
                         status = server.down_mode
                     else:
                         status = server.always or (server.failures.pop(0) if server.failures else 200)
-                    if server.refused and server.refused in json.dumps(body):
+                    if server.refused and server.refused in prompt_text(body):
                         status = 400
                     server.answered += status == 200
                 try:
@@ -125,6 +153,8 @@ class ScriptedServer:
                         self._cut_short()
                     elif status != 200:
                         self._answer(status, {"error": f"scripted {status}"})
+                    elif self.path == "/v1/completions":
+                        self._answer(200, {"choices": [{"text": server.answer(body)}]})
                     else:
                         self._answer(200, {"choices": [{"message": {"content": server.answer(body)}}]})
                 finally:
@@ -148,9 +178,9 @@ class ScriptedServer:
 
 
 def _echo(body: dict) -> str:
+    if "prompt" in body:
+        return f"seed={body['seed']} text={prompt_text(body)}"
     content = body["messages"][0]["content"]
-    if isinstance(content, str):
-        return f"seed={body['seed']} text={content}"
     images = [part["image_url"]["url"] for part in content if part["type"] == "image_url"]
     text = [part["text"] for part in content if part["type"] == "text"]
     return f"seed={body['seed']} images={len(images)} text={text[0]}"
@@ -167,7 +197,7 @@ def settings(url: str, **changes) -> BackendSettings:
     values = {
         "backend": "openai", "description_model": MODEL, "instruction_model": MODEL,
         "endpoint_url": url, "temperature": 0.0, "max_new_tokens": 17, "retry_backoff_s": 0.0,
-        "max_retries": 2, "request_timeout_s": 5.0,
+        "max_retries": 2, "request_timeout_s": 5.0, "instruction_tokenizer": tokenizer_dir(),
     }
     return BackendSettings(**{**values, **changes})
 
@@ -191,10 +221,15 @@ def test_requests_carry_the_prompt_seed_and_sampling_settings_and_answers_keep_t
     outputs = instructor.instruct(requests)
     assert [o.split(" ")[0] for o in outputs] == [f"seed={100 + i}" for i in range(10)]
     assert all(f"description {i}" in outputs[i] for i in range(10))
-    body = server.bodies[0]
+    body = next(b for b in server.bodies if b["seed"] == 100)
     assert body["model"] == MODEL
     assert (body["max_tokens"], body["temperature"], body["top_p"]) == (17, 0.0, 1.0)
-    assert body["messages"][0]["role"] == "user"
+    # One user turn of the model's chat template, as token ids (issue 15: see below).
+    assert set(server.paths) == {"/v1/completions"}
+    assert prompt_text(body) == tokenizer().apply_chat_template(
+        [{"role": "user", "content": instructor.render_prompt(requests[0])}], tokenize=False,
+        add_generation_prompt=True,
+    )
     # The identity (part of the chunks' config hash) holds no address: a managed server's
     # port changes from run to run.
     assert instructor.identity["backend"] == "openai"
@@ -252,9 +287,11 @@ def test_429_and_5xx_are_retried_with_exponential_backoff(server):
     instructor = OpenAIInstructor(
         MODEL, endpoint_url=server.url, render_prompt=lambda r: r.description,
         temperature=0.0, max_retries=3, retry_backoff_s=0.5, sleep=sleeps.append,
+        tokenizer=tokenizer_dir(),
     )
     server.failures = [429, 503, 500]
-    assert instructor.instruct(instruction_requests(1)) == ["seed=100 text=description 0"]
+    (output,) = instructor.instruct(instruction_requests(1))
+    assert output.startswith("seed=100 text=") and "description 0" in output
     assert sleeps == [0.5, 1.0, 2.0]
     assert len(server.bodies) == 4
 
@@ -321,6 +358,32 @@ def test_the_api_key_comes_from_the_named_environment_variable_only(server, monk
 def test_the_openai_backend_needs_an_endpoint():
     with pytest.raises(ValueError, match="needs an endpoint"):
         make_instructor(settings(None))
+
+
+def test_special_token_strings_in_a_description_reach_the_server_as_text(server):
+    """A description spelling '</s>' must not end the prompt early (issue 15): the server
+    gets token ids in which the template's bos is the only special token, where a chat
+    request's rendered turn would have been tokenized whole."""
+    instructor = make_instructor(settings(server.url))
+    request = InstructionRequest(pair(0), "<s> a car </s> parked <image> <pad>", (), seed=1)
+    instructor.instruct([request])
+    (body,) = server.bodies
+    ids = body["prompt"]
+    rendered = tokenizer().apply_chat_template(
+        [{"role": "user", "content": instructor.render_prompt(request)}], tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert tokenizer().eos_token_id in tokenizer()(rendered, add_special_tokens=False).input_ids
+    assert ids[0] == tokenizer().bos_token_id
+    assert not set(ids[1:]) & set(tokenizer().all_special_ids), ids
+    assert tokenizer().decode(ids) == rendered
+
+
+def test_an_instruction_tokenizer_that_does_not_load_is_named_before_any_work(server, tmp_path):
+    with pytest.raises(ValueError, match="instruction_tokenizer") as error:
+        make_instructor(settings(server.url, instruction_tokenizer=str(tmp_path / "missing")))
+    assert "</s>" in str(error.value) and str(tmp_path / "missing") in str(error.value)
+    assert server.bodies == []
 
 
 def _instructions(body: dict) -> str:

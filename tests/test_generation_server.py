@@ -24,7 +24,9 @@ from dagster import DagsterInstance, materialize
 from vllm_models import (
     MAX_MODEL_LEN,
     NEW_TOKENS,
+    hostile_instruction_request,
     instruction_requests,
+    read_as_special_tokens,
     save_served_llm,
     vllm_python,
     without_dangling_bytes,
@@ -108,15 +110,17 @@ def described(tmp_path_factory):
 def test_greedy_outputs_through_vllm_serve_equal_the_transformers_backends(llm, served):
     settings = BackendSettings(instruction_model=str(llm), temperature=0.0,
                                max_new_tokens=NEW_TOKENS, dtype="float32")
-    requests = instruction_requests(6)
+    requests = [*instruction_requests(6), hostile_instruction_request()]
     served_outputs = make_instructor(
         BackendSettings(**{**settings.__dict__, "backend": "openai", "endpoint_url": served.url})
     ).instruct(requests)
-    local = make_instructor(
-        BackendSettings(**{**settings.__dict__, "backend": "transformers"})
-    ).instruct(requests)
+    transformers = BackendSettings(**{**settings.__dict__, "backend": "transformers"})
+    local = make_instructor(transformers).instruct(requests)
     assert without_dangling_bytes(served_outputs) == without_dangling_bytes(local)
     assert len(set(local)) > 1 and sum(map(bool, local)) > 1  # the prompts make a difference
+    # The '</s>' in the last description stayed text on the server: read as the special
+    # token (as /v1/chat/completions would read it), it gives another answer.
+    assert read_as_special_tokens(make_instructor(transformers)).instruct(requests[-1:]) != local[-1:]
 
 
 def _chunk_files(home: Path, shard: str) -> set[str]:

@@ -105,15 +105,42 @@ def test_the_instruction_step_sends_one_text_turn_and_close_shuts_the_engine_dow
     request = InstructionRequest(pair(0), "Both show a bicycle.", (), seed=5)
     (output,) = instructor.instruct([request])
     assert "seed 5" in output
-    ((conversations, params),) = engine.calls
+    assert engine.calls == []  # token ids through LLM.generate, not LLM.chat
+    (((prompt,), params),) = engine.generated
     assert params[0].temperature == 0.0
-    assert isinstance(conversations[0][0]["content"], str)
-    assert "Both show a bicycle." in conversations[0][0]["content"]
+    # One user turn of the engine tokenizer's chat template, the prompt inside it.
+    tokenizer = engine.get_tokenizer()
+    text = instructor.render_prompt(request)
+    assert "Both show a bicycle." in text
+    assert tokenizer.decode(prompt["prompt_token_ids"]) == tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     assert instructor.identity["settings"]["sampling"] == "greedy"
     instructor.close()
     instructor.close()  # a second close is harmless
     assert engine.shutdowns == 1
     assert instructor.engine is None
+
+
+def test_special_token_strings_in_a_description_reach_the_engine_as_text(vllm):
+    """A description spelling '</s>' must not end the prompt early (issue 15): the engine
+    gets ids in which the template's bos is the only special token."""
+    instructor = make_instructor(settings())
+    (engine,) = vllm.engines
+    request = InstructionRequest(pair(0), "<s> a car </s> parked <image> <pad>", (), seed=1)
+    instructor.instruct([request])
+    (((prompt,), _),) = engine.generated
+    ids = prompt["prompt_token_ids"]
+    tokenizer = engine.get_tokenizer()
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": instructor.render_prompt(request)}], tokenize=False,
+        add_generation_prompt=True,
+    )
+    # What LLM.chat would have sent: the rendered turn tokenized whole.
+    assert tokenizer.eos_token_id in tokenizer(rendered, add_special_tokens=False).input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    assert not set(ids[1:]) & set(tokenizer.all_special_ids), ids
+    assert tokenizer.decode(ids) == rendered
 
 
 def test_bad_settings_are_refused_before_the_engine_starts(vllm):

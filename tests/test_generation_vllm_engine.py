@@ -2,7 +2,8 @@
 
 The engine runs where vLLM imports (.venv-vllm; ``make test`` builds it), driven by
 tests/vllm_engine_worker.py through the project's own backend code. Its greedy answers equal
-the transformers backend's on the same tiny Llama and prompts; sampled answers depend only on
+the transformers backend's on the same tiny Llama and prompts, a description spelling '</s>'
+among them; sampled answers depend only on
 each request's seed; closing the backend stops the engine's processes.
 """
 
@@ -16,7 +17,9 @@ import pytest
 from vllm_models import (
     NEW_TOKENS,
     ROOT,
+    hostile_instruction_request,
     instruction_requests,
+    read_as_special_tokens,
     save_served_llm,
     vllm_python,
     without_dangling_bytes,
@@ -44,12 +47,17 @@ def answered(tmp_path_factory):
 
 def test_greedy_answers_of_the_engine_equal_the_transformers_backends(answered):
     llm, answers = answered
-    local = make_instructor(BackendSettings(
+    transformers = BackendSettings(
         backend="transformers", instruction_model=str(llm), temperature=0.0,
         max_new_tokens=NEW_TOKENS, dtype="float32",
-    )).instruct(instruction_requests(6))
+    )
+    requests = [*instruction_requests(6), hostile_instruction_request()]
+    local = make_instructor(transformers).instruct(requests)
     assert without_dangling_bytes(answers["greedy"]) == without_dangling_bytes(local)
     assert len(set(local)) > 1  # the prompts make a difference
+    # The '</s>' in the last description stayed text in the engine: read as the special token
+    # (as LLM.chat would read it), it gives another answer.
+    assert read_as_special_tokens(make_instructor(transformers)).instruct(requests[-1:]) != local[-1:]
     assert answers["identity"]["backend"] == "vllm"
     assert answers["identity"]["model"] == str(llm)
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
-from vllm_models import MAX_MODEL_LEN, NEW_TOKENS, instruction_requests
+from vllm_models import MAX_MODEL_LEN, NEW_TOKENS, hostile_instruction_request, instruction_requests
 
 from megapairs_dagster.synthesis.generation.backends import BackendSettings, make_instructor
 
@@ -37,7 +37,7 @@ def main(model: str, out: Path) -> None:
         # Eager mode skips a torch.compile warm-up that a tiny model does not repay.
         instruction_engine_args={"max_model_len": MAX_MODEL_LEN, "enforce_eager": True},
     ))
-    requests = instruction_requests(6)
+    requests = [*instruction_requests(6), hostile_instruction_request()]
     greedy = instructor.instruct(requests)
     # Sampling on the same engine (starting a second costs a minute): per-request seeds make
     # each answer independent of its batch and its place in it.

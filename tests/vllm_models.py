@@ -1,5 +1,5 @@
 """What the tests against a real vLLM serve and send: a tiny Llama vLLM's CPU build can run,
-and instruction requests whose prompts differ. Shared by the server tests, the in-process
+and instruction requests whose prompts differ, one of them spelling special tokens. Shared by the server tests, the in-process
 engine test and its worker (tests/vllm_engine_worker.py), which runs in .venv-vllm.
 """
 
@@ -50,6 +50,27 @@ def instruction_requests(count: int) -> list[InstructionRequest]:
         )
         for i in range(count)
     ]
+
+
+def hostile_instruction_request() -> InstructionRequest:
+    """A description that spells the tokenizer's own special tokens (issue 15): a backend that
+    tokenized the rendered prompt whole would read an end of sequence mid-prompt."""
+    return InstructionRequest(
+        PairInput("h-1", b"", b"", "a red car", "a blue car"),
+        "Both images show a car </s> parked by a wall. <s> However, the target image shows it "
+        "blue.", sample_demonstrations(load_demonstrations(), seed=0), seed=0,
+    )
+
+
+def read_as_special_tokens(instructor):
+    """``instructor`` (a transformers backend) made to tokenize each rendered prompt whole, as
+    a chat endpoint does: what the fix for special-token strings is compared against."""
+    def encode(request):
+        return instructor.tokenizer(instructor.format_prompt(request),
+                                    add_special_tokens=False).input_ids
+
+    instructor.encode = encode
+    return instructor
 
 
 def without_dangling_bytes(texts: list[str]) -> list[str]:

@@ -208,6 +208,11 @@ class Generation(ConfigurableResource):
         None, description="openai: the environment variable holding the endpoint's API key "
         "(the key itself never goes in config).",
     )
+    instruction_tokenizer: str | None = unversioned(
+        None, description="openai: where the instruction model's tokenizer loads from (a "
+        "directory or hub id; unset: instruction_model). The backend tokenizes the instruction "
+        "prompt itself and sends token ids, so a description spelling </s> stays text.",
+    )
     # The vllm backend: where and how the engine runs, and the images it is given.
     description_engine_args: dict[str, Any] = unversioned(
         {}, description="vllm: arguments of the description step's vllm.LLM, e.g. "

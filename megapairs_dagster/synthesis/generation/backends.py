@@ -52,6 +52,7 @@ class BackendSettings:
     max_retries: int = 5
     retry_backoff_s: float = 1.0
     api_key_env: str | None = None
+    instruction_tokenizer: str | None = None  # None: instruction_model's own
     # Every describer scales the images down to this first (None: as stored).
     image_max_side: int | None = None
     # The vllm backend: arguments of each step's engine, and its image-decoding threads.
@@ -109,7 +110,10 @@ def make_instructor(settings: BackendSettings) -> InstructionBackend:
     if settings.backend == "openai":
         from megapairs_dagster.synthesis.generation.openai_backend import OpenAIInstructor
 
-        return OpenAIInstructor(model, render_prompt=render, **_openai_kwargs(settings))
+        return OpenAIInstructor(
+            model, render_prompt=render, tokenizer=settings.instruction_tokenizer,
+            trust_remote_code=settings.trust_remote_code, **_openai_kwargs(settings),
+        )
     if settings.backend == "vllm":
         from megapairs_dagster.synthesis.generation.vllm_backend import VLLMInstructor
 

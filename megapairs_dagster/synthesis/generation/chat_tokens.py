@@ -8,6 +8,10 @@ the ids of those characters as plain text (what ``split_special_tokens=True`` gi
 the template's own special tokens stay. A prompt without such strings gets exactly the ids
 it always got, so greedy outputs on ordinary prompts do not change.
 
+Every backend that takes token ids uses it: ``transformers`` in process, ``vllm`` through
+``LLM.generate``, ``openai`` through ``/v1/completions`` (vLLM has no per-message
+``split_special_tokens``: its chat endpoints would read the strings as special tokens).
+
 Works with any fast Hugging Face tokenizer (offsets are needed), and imports nothing heavy.
 """
 
@@ -46,3 +50,18 @@ def prompt_token_ids(tokenizer: Any, text: str, user_text: str) -> list[int]:
         else:
             ids.append(token)
     return ids
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """The text a model sees for ``prompt`` sent as one user turn: its chat template's
+    rendering, or the prompt as it is where the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return prompt
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Ids of ``prompt`` as one user turn, with the prompt's own text kept as text."""
+    return prompt_token_ids(tokenizer, chat_prompt(tokenizer, prompt), prompt)

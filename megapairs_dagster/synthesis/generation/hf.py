@@ -43,7 +43,7 @@ from megapairs_dagster.synthesis.encoders import (
     resolve_device,
 )
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
-from megapairs_dagster.synthesis.generation.chat_tokens import prompt_token_ids
+from megapairs_dagster.synthesis.generation.chat_tokens import chat_prompt, chat_prompt_ids
 from megapairs_dagster.synthesis.generation.images import (
     check_max_side,
     fit_within,
@@ -238,22 +238,14 @@ class TransformersInstructor(_TransformersBackend):
         )
         return AutoModelForCausalLM.from_pretrained(model_path, **self.load_kwargs)
 
-    def _chat(self, prompt: str) -> str:
-        if self.tokenizer.chat_template is None:
-            return prompt
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-
     def format_prompt(self, request: InstructionRequest) -> str:
         """The exact text the model sees: the chat template's user turn, or the plain prompt."""
-        return self._chat(self.render_prompt(request))
+        return chat_prompt(self.tokenizer, self.render_prompt(request))
 
     def encode(self, request: InstructionRequest) -> list[int]:
         """The ids the model gets: the template's special tokens as such, while the prompt
         (which carries the description) stays text even where it spells ``</s>``."""
-        prompt = self.render_prompt(request)
-        return prompt_token_ids(self.tokenizer, self._chat(prompt), prompt)
+        return chat_prompt_ids(self.tokenizer, self.render_prompt(request))
 
     def instruct(self, requests: Sequence[InstructionRequest]) -> list[str]:
         outputs: list[str] = []

@@ -1,12 +1,16 @@
 """The ``openai`` backend: both generation steps through an OpenAI-compatible HTTP endpoint.
 
-Any server that speaks ``/v1/chat/completions`` works: ``vllm serve`` (started for the run by
+Any server that speaks the OpenAI API works: ``vllm serve`` (started for the run by
 ``resources/generation_server.py``, or a cluster Service), or another. Each request is one
-chat turn: the rendered prompt, preceded for the description step by the query and the target
-image as base64 data URLs. The server applies the model's chat template, as the
-``transformers`` backend does locally, so greedy outputs (``temperature == 0``) match it on
-the same model; sampled outputs follow the server's own generator, seeded per request with the
-request's seed.
+user turn of the rendered prompt. The description step sends it to ``/v1/chat/completions``,
+preceded by the query and the target image as base64 data URLs; the server applies the
+model's chat template. The instruction step's prompt carries the MLLM's description, which may
+spell a special token (``</s>``): a chat endpoint would tokenize the rendered turn whole and
+end the prompt there. So this step renders the chat template and tokenizes here, with the
+model's tokenizer and the ``transformers`` backend's code (``chat_tokens``), and sends the
+token ids to ``/v1/completions``. Greedy outputs (``temperature == 0``) thus match the
+``transformers`` backend's on the same model; sampled outputs follow the server's own
+generator, seeded per request with the request's seed.
 
 Requests go out concurrently (``max_concurrency`` in flight); 429, 5xx, timeouts,
 connection errors and answers cut short by a dropped connection are retried with exponential
@@ -35,6 +39,7 @@ from typing import Any
 import requests
 
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
+from megapairs_dagster.synthesis.generation.chat_tokens import chat_prompt_ids
 from megapairs_dagster.synthesis.generation.errors import BackendUnavailable
 from megapairs_dagster.synthesis.generation.images import (
     check_max_side,
@@ -144,8 +149,30 @@ def image_data_url(data: bytes, pair_id: str, role: str, max_side: int | None = 
     return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """The instruction model's fast tokenizer (offsets are needed), or an error saying why
+    the backend needs it and which setting names it."""
+    from transformers import AutoTokenizer
+
+    why = ("the openai backend builds the instruction prompt's token ids itself, so that a "
+           "description spelling a special token such as </s> stays text")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{why}, and the instruction model's tokenizer did not load from {source!r} "
+            f"({error}). Set generation.instruction_tokenizer to a directory (or hub id) holding "
+            "the served model's tokenizer files."
+        ) from error
+    if not tokenizer.is_fast:
+        raise ValueError(f"{why}, which needs a fast tokenizer; {source!r} has a slow one")
+    return tokenizer
+
+
 class _OpenAIBackend:
     backend_name = "openai"
+    path = ""  # the endpoint's route
+    api = ""  # what the identity says of the requests
 
     def __init__(
         self,
@@ -194,29 +221,34 @@ class _OpenAIBackend:
                 "temperature": temperature,
                 "top_p": top_p,
                 "sampling": "greedy" if temperature == 0 else "server-side, seeded per request",
-                "api": "/v1/chat/completions",
+                "api": self.api,
             },
         }
 
-    def _content(self, request) -> list[dict] | str:
+    def _prompt(self, request) -> dict:
+        """The body's prompt fields for ``request``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _text(choice: dict) -> str | None:
         raise NotImplementedError
 
     def _complete(self, request) -> str:
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": self._content(request)}],
+            **self._prompt(request),
             "max_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": request.seed,
             "n": 1,
         }
-        answer = self.client.request("POST", "/v1/chat/completions", body)
+        answer = self.client.request("POST", self.path, body)
         try:
-            return answer["choices"][0]["message"]["content"] or ""
+            return self._text(answer["choices"][0]) or ""
         except (KeyError, IndexError, TypeError) as error:
             raise RuntimeError(
-                f"{self.client.root}: unexpected chat completion answer: {str(answer)[:300]}"
+                f"{self.client.root}: unexpected answer from {self.path}: {str(answer)[:300]}"
             ) from error
 
     def _run(self, requests_: Sequence) -> list[str]:
@@ -237,10 +269,29 @@ class _OpenAIBackend:
 
 
 class OpenAIInstructor(_OpenAIBackend):
-    """LLM step: the rendered instruction prompt as one user turn."""
+    """LLM step: the rendered instruction prompt as one user turn, as token ids."""
 
-    def _content(self, request: InstructionRequest) -> str:
-        return self.render_prompt(request)
+    path = "/v1/completions"
+    api = "/v1/completions (prompt token ids)"
+
+    def __init__(self, model: str, *, tokenizer: str | None = None,
+                 trust_remote_code: bool = False, **options: Any):
+        """``tokenizer``: where the served model's tokenizer loads from (default: ``model``,
+        a local directory or hub id, as for a server this project starts)."""
+        super().__init__(model, **options)
+        self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+
+    def encode(self, request: InstructionRequest) -> list[int]:
+        """The ids the server gets: the chat template's special tokens as such, the prompt
+        (which carries the description) as text even where it spells ``</s>``."""
+        return chat_prompt_ids(self.tokenizer, self.render_prompt(request))
+
+    def _prompt(self, request: InstructionRequest) -> dict:
+        return {"prompt": self.encode(request)}
+
+    @staticmethod
+    def _text(choice: dict) -> str | None:
+        return choice["text"]
 
     def instruct(self, requests_: Sequence[InstructionRequest]) -> list[str]:
         return self._run(requests_)
@@ -249,11 +300,21 @@ class OpenAIInstructor(_OpenAIBackend):
 class OpenAIDescriber(_OpenAIBackend):
     """MLLM step: the query image, the target image, then the prompt, in one user turn."""
 
+    path = "/v1/chat/completions"
+    api = path
+
     def __init__(self, model: str, *, image_max_side: int | None = None, **options: Any):
         """``image_max_side``: images are scaled down to it first, as every describer does."""
         self.image_max_side = check_max_side(image_max_side)
         super().__init__(model, **options)
         self.identity["settings"]["image_max_side"] = image_max_side
+
+    def _prompt(self, request: DescriptionRequest) -> dict:
+        return {"messages": [{"role": "user", "content": self._content(request)}]}
+
+    @staticmethod
+    def _text(choice: dict) -> str | None:
+        return choice["message"]["content"]
 
     def _content(self, request: DescriptionRequest) -> list[dict]:
         pair = request.pair

@@ -6,7 +6,11 @@ the step ends. Each call hands the engine a whole batch (the paper profile's ``b
 its ``chunk_size``), so continuous batching keeps the GPU full. Every request carries its own
 ``SamplingParams(seed=...)``, so a retried or re-batched request reproduces its output, and
 greedy decoding (``temperature == 0``) equals the other backends' on the same model. The
-description step sends the query and the target image in one chat turn
+instruction step hands the engine token ids (``LLM.generate``), built with the engine's own
+tokenizer and chat template as the ``transformers`` backend builds them (``chat_tokens``), so a
+description that spells ``</s>`` stays text; ``LLM.chat`` would tokenize the rendered turn whole
+and read it as the end of the sequence. The description step sends the query and the target
+image in one chat turn (its prompt is the project's own text)
 (``limit_mm_per_prompt={"image": 2}``); both are decoded and scaled down to
 ``image_max_side`` on a pool of CPU threads before the batch reaches the engine.
 
@@ -23,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from megapairs_dagster.synthesis.generation.base import DescriptionRequest, InstructionRequest
+from megapairs_dagster.synthesis.generation.chat_tokens import chat_prompt_ids
 from megapairs_dagster.synthesis.generation.images import (
     check_max_side,
     fit_within,
@@ -55,6 +60,7 @@ def _sampling(request_seed: int, *, max_tokens: int, temperature: float, top_p: 
 class _VLLMBackend:
     backend_name = "vllm"
     images_per_prompt = 0
+    api = ""
 
     def __init__(
         self,
@@ -95,28 +101,21 @@ class _VLLMBackend:
             "sampling": "greedy" if temperature == 0 else "vLLM sampler, seeded per request",
             "dtype": dtype,
             "trust_remote_code": trust_remote_code,
-            "api": "LLM.chat",
+            "api": self.api,
         }
         if self.images_per_prompt:
             settings["image_max_side"] = image_max_side
         self.identity = {"backend": self.backend_name, "model": model, "settings": settings}
 
-    def _content(self, request, images) -> Any:
-        raise NotImplementedError
-
-    def _run(self, requests: Sequence, images: Sequence = ()) -> list[str]:
-        if not requests:
-            return []
-        conversations = [
-            [{"role": "user", "content": self._content(request, pictures)}]
-            for request, pictures in zip(requests, images or [()] * len(requests))
-        ]
-        params = [
+    def _params(self, requests: Sequence) -> list:
+        return [
             _sampling(request.seed, max_tokens=self.max_new_tokens,
                       temperature=self.temperature, top_p=self.top_p)
             for request in requests
         ]
-        outputs = self.engine.chat(conversations, sampling_params=params, use_tqdm=False)
+
+    @staticmethod
+    def _texts(outputs: Sequence, requests: Sequence) -> list[str]:
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} prompts")
         return [output.outputs[0].text for output in outputs]
@@ -140,19 +139,29 @@ class _VLLMBackend:
 
 
 class VLLMInstructor(_VLLMBackend):
-    """LLM step: the rendered instruction prompt as one user turn."""
+    """LLM step: the rendered instruction prompt as one user turn, as token ids."""
 
-    def _content(self, request: InstructionRequest, images) -> str:
-        return self.render_prompt(request)
+    api = "LLM.generate (prompt token ids)"
+
+    def encode(self, request: InstructionRequest) -> list[int]:
+        """The ids the engine gets: the chat template's special tokens as such, the prompt
+        (which carries the description) as text even where it spells ``</s>``."""
+        return chat_prompt_ids(self.engine.get_tokenizer(), self.render_prompt(request))
 
     def instruct(self, requests: Sequence[InstructionRequest]) -> list[str]:
-        return self._run(requests)
+        if not requests:
+            return []
+        prompts = [{"prompt_token_ids": self.encode(request)} for request in requests]
+        outputs = self.engine.generate(prompts, sampling_params=self._params(requests),
+                                       use_tqdm=False)
+        return self._texts(outputs, requests)
 
 
 class VLLMDescriber(_VLLMBackend):
     """MLLM step: the query image, the target image, then the prompt, in one user turn."""
 
     images_per_prompt = IMAGES_PER_PROMPT
+    api = "LLM.chat"
 
     def _pictures(self, request: DescriptionRequest) -> list:
         pair = request.pair
@@ -172,4 +181,12 @@ class VLLMDescriber(_VLLMBackend):
         # raises here, naming its pair, before anything reaches the engine.
         with ThreadPoolExecutor(max_workers=min(self.image_workers, max(len(requests), 1))) as pool:
             images = list(pool.map(self._pictures, requests))
-        return self._run(requests, images)
+        if not requests:
+            return []
+        conversations = [
+            [{"role": "user", "content": self._content(request, pictures)}]
+            for request, pictures in zip(requests, images)
+        ]
+        outputs = self.engine.chat(conversations, sampling_params=self._params(requests),
+                                   use_tqdm=False)
+        return self._texts(outputs, requests)
