@@ -85,6 +85,29 @@ def _check_relative(part: str) -> None:
         raise ValueError(f"artifact path {part!r} is not a relative path inside the store")
 
 
+def _sweep_dead_partials(folder: Path, name: str) -> None:
+    """Remove the temporaries of ``name`` whose writer is gone (a process killed mid-write
+    leaves its ``.<name>.<pid>.<uuid>.partial``). A live writer's, this one's or another
+    process's, is kept; a local store is one machine's, so its pids are this machine's."""
+    prefix = f".{name}."
+    for entry in os.scandir(folder):
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".partial")):
+            continue
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class ArtifactStoreClient:
     """Read and write artifacts below ``root`` (a path or URL).
 
@@ -163,7 +186,8 @@ class ArtifactStoreClient:
         target = self.path(relpath)
         if self.is_local:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(str(target.parent.path)) / f".{target.name}.{uuid.uuid4().hex}.partial"
+            folder = Path(str(target.parent.path))
+            tmp = folder / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.partial"
             try:
                 with open(tmp, "wb") as handle:
                     handle.write(data)
@@ -172,6 +196,7 @@ class ArtifactStoreClient:
                 os.replace(tmp, target.path)
             finally:
                 tmp.unlink(missing_ok=True)
+            _sweep_dead_partials(folder, target.name)
         else:
             with self._failures("writing", target):
                 self.fs.pipe_file(target.path, data)

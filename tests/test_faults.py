@@ -238,6 +238,8 @@ def test_sigkill_at_random_points_of_every_per_shard_asset(reference, forks):
         trials.append(f"{point}; after the kill {len(visible)}/{len(expected[group])} files "
                       f"visible, {len(leftovers)} hidden temporaries")
         run_to_completion(forks, home, group)
+        # The rerun's writes swept the temporaries the killed writer left.
+        assert not temporaries(home), f"{point}: left {temporaries(home)}"
         after = snapshot(home, group)
         assert after == expected[group], f"{point}: the rerun differs: {differences(after, expected[group])}"
     print("\n" + "\n".join(trials))
@@ -397,6 +399,8 @@ def test_writers_killed_mid_commit_of_the_triplet_tables(tmp_path, forks):
         for rerun_shard in TABLE_SHARDS:  # the rerun
             store.replace_shard(rerun_shard, *frames[rerun_shard][1])
         assert table_rows(store) == clean_rows, f"{point}: the rerun differs from a clean run"
+        # The rerun's writes swept what the killed writer left.
+        assert not list((tmp_path / "store" / "tables").rglob(".*")), point
         assert store.duplicate_pairs() == 0, point
     print("\n" + "\n".join(trials))
     # The reader was not idle (it read during every trial and saw both versions), and the kills

@@ -1,5 +1,9 @@
 """The artifact store: atomic local writes, and the pipeline's artifacts round-tripping S3."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -40,6 +44,29 @@ def test_local_write_is_atomic_and_leaves_no_partial_files(tmp_path, monkeypatch
         store.write_bytes("a/b.bin", b"second, never visible")
     assert store.read_bytes("a/b.bin") == b"first"
     assert sorted(p.name for p in (tmp_path / "store" / "a").iterdir()) == ["b.bin"]
+
+
+def test_a_write_sweeps_the_temporaries_its_killed_predecessors_left(tmp_path):
+    """A writer killed mid-write leaves its hidden temporary; the next write of the same name
+    removes it, and keeps one whose writer is alive (it may be writing now)."""
+    store = ArtifactStoreClient(str(tmp_path / "store"))
+    store.write_bytes("a/b.bin", b"first")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead_pid = int(ended.stdout)
+    folder = tmp_path / "store" / "a"
+    left = {
+        "dead": folder / f".b.bin.{dead_pid}.{'0' * 32}.partial",
+        "live": folder / f".b.bin.{os.getpid()}.{'1' * 32}.partial",
+        "other_name": folder / f".c.bin.{dead_pid}.{'2' * 32}.partial",  # swept by its own write
+    }
+    for path in left.values():
+        path.write_bytes(b"half a file")
+    store.write_bytes("a/b.bin", b"second")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [left["live"].name, left["other_name"].name, "b.bin"]
+    )
+    assert store.read_bytes("a/b.bin") == b"second"
 
 
 def test_missing_artifact_names_the_asset_to_materialise(tmp_path):
