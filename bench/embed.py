@@ -42,12 +42,12 @@ from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.synthesis.decode import split_preprocess
 from megapairs_dagster.synthesis.embed import embed_images, embed_texts
 from megapairs_dagster.synthesis.encoders import (
+    DTYPES,
     build_demo_dino,
     load_clip,
     load_dino,
     resolve_device,
 )
-from megapairs_dagster.synthesis.views import DTYPES
 
 UNIQUE_IMAGES = 512  # rendered demo images; longer inputs cycle them (decoding cost is the same)
 

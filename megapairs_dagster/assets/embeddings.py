@@ -13,8 +13,7 @@ from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.policies import GPU_POOL, GPU_TAGS, SHARDS_PER_RUN, TRANSIENT_RETRY
 from megapairs_dagster.resources.settings import Compute
 from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.synthesis.embed import embed_images, embed_texts
-from megapairs_dagster.synthesis.views import DTYPES, VIEWS, open_view_encoder
+from megapairs_dagster.synthesis.views import VIEWS, open_view_encoder
 
 
 def view_encoder(view: str, manifest: dict, store: ArtifactStore, compute: Compute):
@@ -93,6 +92,10 @@ def build_embeddings_asset(view: str) -> AssetsDefinition:
 
 
 def _embed_shard(context, view: str, encoder, images: pd.DataFrame, compute: Compute, shard: str):
+    # torch loads in the step that embeds, not in every process that loads the code location
+    from megapairs_dagster.synthesis.embed import embed_images, embed_texts
+    from megapairs_dagster.synthesis.encoders import DTYPES
+
     def progress(done: int, total: int) -> None:
         context.log.info(f"{view}[{shard}]: {done}/{total} rows embedded")
 

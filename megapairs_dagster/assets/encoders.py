@@ -15,8 +15,6 @@ from megapairs_dagster.assets.partitions import shards
 from megapairs_dagster.assets.plots import line_plot
 from megapairs_dagster.resources.settings import Encoders
 from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.synthesis.bootstrap import train_demo_clip
-from megapairs_dagster.synthesis.encoders import build_demo_dino, load_clip, load_dino
 
 
 def _training_sample(context: AssetExecutionContext, store, limit: int, seed: int):
@@ -46,6 +44,10 @@ def _training_sample(context: AssetExecutionContext, store, limit: int, seed: in
     "name, tag and file hashes. The demo profile trains a small CLIP on the corpus captions.",
 )
 def base_encoders(context: AssetExecutionContext, encoders: Encoders, store: ArtifactStore):
+    # torch and open_clip load in this step, not in every process that loads the code location
+    from megapairs_dagster.synthesis.bootstrap import train_demo_clip
+    from megapairs_dagster.synthesis.encoders import build_demo_dino, load_clip, load_dino
+
     client = store.client()
     if encoders.mode == "pretrained":
         _, text = load_clip(encoders.clip_model, encoders.clip_pretrained)

@@ -1,15 +1,26 @@
-"""Plots as Dagster metadata: a PNG embedded in markdown, which the UI renders inline."""
+"""Plots as Dagster metadata: a PNG embedded in markdown, which the UI renders inline.
+
+matplotlib loads with the first plot, not with the code location (tests/test_import_cost.py).
+"""
 
 
 import base64
+import functools
 import io
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from dagster import MetadataValue
+
+
+@functools.cache
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def png_markdown(png: bytes, alt: str = "plot") -> MetadataValue:
@@ -20,14 +31,14 @@ def png_markdown(png: bytes, alt: str = "plot") -> MetadataValue:
 def _figure_markdown(fig) -> MetadataValue:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return png_markdown(buffer.getvalue())
 
 
 def line_plot(
     x: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str, title: str
 ) -> MetadataValue:
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _pyplot().subplots(figsize=(5, 3))
     for label, values in series.items():
         ax.plot(x, values, marker=".", label=label)
     ax.set_xlabel(xlabel)
@@ -40,7 +51,7 @@ def line_plot(
 def histogram(
     values_by_label: dict[str, Sequence[float]], *, bins: int, xlabel: str, title: str
 ) -> MetadataValue:
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _pyplot().subplots(figsize=(5, 3))
     for label, values in values_by_label.items():
         ax.hist(values, bins=bins, alpha=0.5, label=label)
     ax.set_xlabel(xlabel)
@@ -55,7 +66,7 @@ def grouped_bars(values: dict[str, dict[str, float]], *, ylabel: str, title: str
     a model), in a colour per inner key; NaN draws no bar."""
     labels = list(dict.fromkeys(label for bars in values.values() for label in bars))
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(values)), 3))
+    fig, ax = _pyplot().subplots(figsize=(max(5, 1.2 * len(values)), 3))
     for offset, label in enumerate(labels):
         ax.bar([group + offset * width for group in range(len(values))],
                [bars.get(label, float("nan")) for bars in values.values()], width, label=label)

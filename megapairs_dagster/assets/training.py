@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from dagster import (
@@ -35,23 +35,16 @@ from megapairs_dagster import __version__
 from megapairs_dagster.assets.code_versions import versioned_by
 from megapairs_dagster.assets.plots import line_plot
 from megapairs_dagster.assets.policies import GPU_POOL, gpu_tags
-from megapairs_dagster.assets.training_run import (
-    TrainingJob,
-    WorkerFailed,
-    launch_torchrun,
-    open_model,
-    run_training,
-)
 from megapairs_dagster.resources.profiles import BASE_ENCODER, TrainingRun
 from megapairs_dagster.resources.settings import Compute, Training, domain_config
 from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.retrieval import (
-    DEFAULT_HARD_NEGATIVES,
-    HARD_NEGATIVE_MODES,
-    MMRetCLIP,
-    MMRetMLLM,
-    TrainConfig,
-)
+from megapairs_dagster.retrieval import DEFAULT_HARD_NEGATIVES, HARD_NEGATIVE_MODES
+
+# The trainer, the models and training_run (all torch) load in the steps that use them, not in
+# every process that loads the code location (tests/test_import_cost.py).
+if TYPE_CHECKING:
+    from megapairs_dagster.assets.training_run import TrainingJob
+    from megapairs_dagster.retrieval import MMRetCLIP, MMRetMLLM
 
 # A triplet sample encodes its query, its target and the other hard negatives (the query is
 # the first): the caption-only control takes that many (image, caption) samples per sample.
@@ -77,8 +70,11 @@ def _settings(store: ArtifactStore) -> dict:
     return {"url": store.url, "endpoint_url": store.endpoint_url, "cache_dir": store.cache_dir}
 
 
-def _launched(context: AssetExecutionContext, job: TrainingJob, nproc: int, workdir: Path) -> dict:
+def _launched(context: AssetExecutionContext, job: "TrainingJob", nproc: int, workdir: Path
+              ) -> dict:
     """The job run by torchrun in ``nproc`` processes, rank 0 reporting through Pipes."""
+    from megapairs_dagster.assets.training_run import WorkerFailed, launch_torchrun
+
     with open_pipes_session(
         context=context, context_injector=PipesTempFileContextInjector(),
         message_reader=PipesTempFileMessageReader(),
@@ -97,6 +93,8 @@ def train(context: AssetExecutionContext, store: ArtifactStore, image_index: pd.
           nproc: int, **job: Any) -> dict:
     """The result of the ``TrainingJob`` of ``job``'s fields, trained in the step's process or
     by torchrun in ``nproc``; the job reads the store and a copy of the image index."""
+    from megapairs_dagster.assets.training_run import TrainingJob, run_training
+
     with tempfile.TemporaryDirectory(prefix="mmret-job-") as workdir:
         index_path = Path(workdir) / "image_index.parquet"
         image_index.to_parquet(index_path)
@@ -169,6 +167,8 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
         store: ArtifactStore,
         compute: Compute,
     ):
+        from megapairs_dagster.retrieval import TrainConfig
+
         name = context.partition_key
         run = runs[name]
         source = start_model(run, base_encoders)
@@ -205,9 +205,12 @@ def build_training_asset(runs: Mapping[str, TrainingRun], gpus: int = 1) -> Asse
     return mmret_clip
 
 
-def trained_model(record: dict, store: ArtifactStore) -> MMRetCLIP | MMRetMLLM:
+def trained_model(record: dict, store: ArtifactStore) -> "MMRetCLIP | MMRetMLLM":
     """The model an ``mmret_clip`` or ``mmret_mllm`` record names: its checkpoint, or its
     start model when the run trained nothing."""
+    from megapairs_dagster.assets.training_run import open_model
+    from megapairs_dagster.retrieval import MMRetCLIP, MMRetMLLM
+
     if record.get("checkpoint"):
         kind = MMRetMLLM if record["start"].get("kind") == "mllm" else MMRetCLIP
         return kind.from_pretrained(store.client().local_dir(record["checkpoint"]))

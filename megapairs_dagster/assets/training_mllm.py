@@ -33,7 +33,7 @@ from megapairs_dagster.assets.training import (
 from megapairs_dagster.resources.profiles import MLLM_BASE, MLLMRun
 from megapairs_dagster.resources.settings import Compute, MLLMTraining, Training, domain_config
 from megapairs_dagster.resources.store import ArtifactStore
-from megapairs_dagster.retrieval import HARD_NEGATIVE_MODES, TrainConfig
+from megapairs_dagster.retrieval import HARD_NEGATIVE_MODES
 
 ASSET = "mmret_mllm"
 
@@ -91,6 +91,8 @@ def build_mllm_training_asset(runs: Mapping[str, MLLMRun], gpus: int = 1) -> Ass
         store: ArtifactStore,
         compute: Compute,
     ):
+        from megapairs_dagster.retrieval import TrainConfig  # torch: in the step, not at load
+
         name = context.partition_key
         run = runs[name]
         if run.data == "mmeb_train" and not mllm_training.mmeb_train:

@@ -46,7 +46,8 @@ from megapairs_dagster.retrieval import (
     train_mmret,
     triplets_from_views,
 )
-from megapairs_dagster.retrieval.mllm_configs import DEMO_BASE, save_demo_llava_next
+from megapairs_dagster.retrieval.defaults import DEMO_BASE
+from megapairs_dagster.retrieval.mllm_configs import save_demo_llava_next
 from megapairs_dagster.retrieval.mmeb_train import (
     composed_pairs,
     mmeb_training_set,

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from megapairs_dagster.evaluation.examples import TOP, Candidate, RetrievalExample
@@ -35,6 +34,9 @@ from megapairs_dagster.evaluation.query_text import (
 )
 from megapairs_dagster.evaluation.readers import CirQuery
 from megapairs_dagster.evaluation.submission import build_circo_submission, build_cirr_submissions
+
+if TYPE_CHECKING:  # torch loads when a model is scored, not with the code location
+    import torch
 
 TOP_N = 50  # CIRCO's submission depth, and the deepest k of the CIRCO and FashionIQ metrics
 ENCODE_CHUNK = 256  # images decoded at a time, so that a large gallery never sits in memory
@@ -61,6 +63,8 @@ def _encode(model: ComposedEncoder, image_ids: Sequence[str] | None,
             texts: Sequence[str] | None = None) -> torch.Tensor:
     """Embeddings of the images, of the texts (``image_ids`` None), or of the composed queries
     (image i, text i)."""
+    import torch
+
     chunks = []
     for start in range(0, len(image_ids if image_ids is not None else texts), ENCODE_CHUNK):
         images = None if image_ids is None else [
@@ -211,6 +215,8 @@ def evaluate_fashioniq(
 
 def _ranked_by_score(scores: torch.Tensor) -> list[int]:
     """Indices best first; equal scores keep their order (the lower index first)."""
+    import torch
+
     return torch.sort(scores, descending=True, stable=True).indices.tolist()
 
 
@@ -267,6 +273,8 @@ def _encode_mixed(model: ComposedEncoder, inputs: Sequence[tuple[str, str]],
                   load_image: Callable[[str], Image.Image]) -> torch.Tensor:
     """Embeddings of (text, image path) inputs: composed when both are given, else the
     image's or the text's (an input with neither embeds the empty text)."""
+    import torch
+
     kinds: dict[tuple[bool, bool], list[int]] = {}
     for index, (text, image) in enumerate(inputs):
         kinds.setdefault((bool(text) or not image, bool(image)), []).append(index)

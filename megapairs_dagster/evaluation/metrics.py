@@ -19,11 +19,14 @@ Sources of each quirk (read, not copied):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from megapairs_dagster.evaluation.readers import CirQuery
+
+if TYPE_CHECKING:  # torch loads when a gallery is ranked, not with the code location
+    import torch
 
 Rankings = Mapping[str, Sequence[str]]
 
@@ -138,6 +141,8 @@ def rank_gallery(similarities: np.ndarray | torch.Tensor, gallery_ids: Sequence[
     ``top_n`` (None: the whole gallery). Equal scores come out in ``torch.topk``'s order,
     which is unspecified: break ties in the scores if the order must be reproducible.
     """
+    import torch
+
     scores = torch.as_tensor(similarities)
     if scores.ndim != 2 or scores.shape[1] != len(gallery_ids):
         raise ValueError(f"similarities of shape {tuple(scores.shape)} do not match "

@@ -40,16 +40,16 @@ from megapairs_dagster.resources.settings import (
     Training,
 )
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
-from megapairs_dagster.retrieval.data import HARD_NEGATIVE_MODES
-from megapairs_dagster.retrieval.mllm_configs import DEMO_BASE, IMAGE_SIDE
-from megapairs_dagster.synthesis.encoders import DEMO_DINO_IMAGE_SIZE
+from megapairs_dagster.retrieval.defaults import DEMO_BASE, HARD_NEGATIVE_MODES, IMAGE_SIDE
+from megapairs_dagster.synthesis.demo_models import DEMO_DINO_IMAGE_SIZE
 from megapairs_dagster.synthesis.generation.prompts import PAPER_PROMPT_VERSION
 from megapairs_dagster.synthesis.views import VIEWS
 
 PROFILES = ("demo", "paper")
 EXECUTORS = ("in_process", "multiprocess", "k8s")
-# The demo runs each run's steps in one process: a step subprocess re-imports torch and costs
-# 10–15 s on a laptop, more than the demo's steps themselves.
+# The demo runs each run's steps in one process: a step subprocess imports the code location
+# (~3.5 s on 2 cores) and then what it computes with (torch alone ~3 s, with transformers and
+# peft ~9 s), more than many of the demo's steps themselves.
 DEFAULT_EXECUTOR = {"demo": "in_process", "paper": "multiprocess"}
 CONFIG_ENV = "MEGAPAIRS_CONFIG"
 

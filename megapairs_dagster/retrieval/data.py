@@ -28,17 +28,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from megapairs_dagster.retrieval.defaults import DEFAULT_HARD_NEGATIVES
 from megapairs_dagster.synthesis.megapairs_format import image_relpath, read_megapairs
-
-DEFAULT_HARD_NEGATIVES = 4
-# The paper's Table 4 ablation, by name: whether the query image is a hard negative, and how
-# many hard negatives an item holds counting it (the dataset loads hard_negatives - 1 mined
-# ones; "none" loads none and the trainer leaves the query image out).
-HARD_NEGATIVE_MODES: dict[str, tuple[bool, int]] = {
-    "query_and_mined": (True, DEFAULT_HARD_NEGATIVES),
-    "query": (True, 1),
-    "none": (False, 1),
-}
 
 
 def triplets_from_views(frame, views: Collection[str] | None):

@@ -30,12 +30,11 @@ from megapairs_dagster.offline_models import (
     llama_text_config,
 )
 
+from .defaults import IMAGE_SIDE
 from .mllm import CIR_TASK_INSTRUCTION, candidate_prompt, query_prompt
 
 TILE_SIZE = 16  # the vision tower's input side
-IMAGE_SIDE = 32  # what MMRet-MLLM resizes every image to (the released model: 512)
 GRID_PINPOINTS = [[TILE_SIZE, 2 * TILE_SIZE], [2 * TILE_SIZE, TILE_SIZE], [IMAGE_SIDE, IMAGE_SIDE]]
-DEMO_BASE = "demo-llava-next"  # the MLLM training resource's base_model that means this model
 
 # What the demo's prompts hold: the prompt format, the task instruction and the demo's words.
 _DEMO_CORPUS = [
@@ -80,5 +79,5 @@ def save_small_llava_next(
 
 
 def save_demo_llava_next(directory: str | Path, seed: int = 0) -> Path:
-    """The demo's base model (``DEMO_BASE``): the same every time it is built."""
+    """The demo's base model (``defaults.DEMO_BASE``): the same every time it is built."""
     return save_small_llava_next(directory, byte_level_tokenizer(_DEMO_CORPUS * 4), seed)

@@ -26,6 +26,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import transforms
 
+from megapairs_dagster.synthesis.demo_models import DEMO_DINO_IMAGE_SIZE
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -47,6 +49,8 @@ CLIP_DIR_WEIGHTS = (
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
+# compute.dtype's names
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -608,9 +612,6 @@ def load_dino(
         dtype=dtype,
         pooling=pooling,
     )
-
-
-DEMO_DINO_IMAGE_SIZE = 112
 
 
 def build_demo_dino(out_dir: str | Path, seed: int = 0) -> dict:

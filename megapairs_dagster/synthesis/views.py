@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from megapairs_dagster.synthesis.encoders import (
-    RecordedFiles,
-    load_clip,
-    load_dino,
-    resolve_device,
-)
+# torch and the encoders load when an encoder is opened, not when the views are named: the
+# code location imports this module for VIEWS (see tests/test_import_cost.py).
+if TYPE_CHECKING:
+    from megapairs_dagster.synthesis.encoders import RecordedFiles
 
 VIEWS: dict[str, str] = {
     "clip_image": "CLIP image (visual-semantic)",
     "dino_image": "DINOv2 image (visual pattern)",
     "clip_caption": "CLIP text of the caption (caption similarity)",
 }
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def open_view_encoder(
@@ -38,6 +33,8 @@ def open_view_encoder(
     must still have the sha256 that ``base_encoders`` recorded (else ModelMismatchError), so
     that every shard is embedded by the same weights; ``device`` is ``compute.device``.
     """
+    from megapairs_dagster.synthesis.encoders import DTYPES, load_clip, load_dino, resolve_device
+
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; expected one of {sorted(VIEWS)}")
     torch_device = resolve_device(device, setting="compute.device")
@@ -65,4 +62,6 @@ def open_view_encoder(
 
 
 def _recorded(spec: dict) -> RecordedFiles:
+    from megapairs_dagster.synthesis.encoders import RecordedFiles
+
     return RecordedFiles(spec["identity"]["files"], recorded_by="base_encoders")
