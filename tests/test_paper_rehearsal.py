@@ -25,7 +25,7 @@ directory (the README's block from the checkout, which it is written for: ``make
 
 Runtime: 11-12 minutes on the 2-core CI machine (most of it is ~70 Python processes, CLI
 commands, run workers and one subprocess per step, each importing the code location for
-~7 s); the per-phase timings are printed with ``pytest -s``.
+~3.5 s); the per-phase timings are printed with ``pytest -s``.
 """
 
 from __future__ import annotations
