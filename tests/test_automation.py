@@ -48,12 +48,17 @@ class Ticks:
         self.instance = instance
         self.cursor = None
         self.keys = defs.resolve_asset_graph().get_all_asset_keys()
+        # One clock for the ticks that name no time: with the wall clock, a test running across
+        # the hour would see the hourly retry tick pass between two ticks and a second request.
+        self.started = datetime.now(timezone.utc)
 
     def __call__(self, at: datetime | None = None, definitions=defs) -> dict[str, set]:
-        """What this tick (at ``at``, default now; of ``definitions``, default the shipped
-        ones) requests: asset name → partitions (None for an unpartitioned asset)."""
+        """What this tick (at ``at``, default when these ticks started; of ``definitions``,
+        default the shipped ones) requests: asset name → partitions (None for an unpartitioned
+        asset)."""
         result = evaluate_automation_conditions(
-            defs=definitions, instance=self.instance, cursor=self.cursor, evaluation_time=at
+            defs=definitions, instance=self.instance, cursor=self.cursor,
+            evaluation_time=at or self.started,
         )
         self.cursor = result.cursor
         requested = {
