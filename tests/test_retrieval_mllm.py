@@ -170,6 +170,28 @@ def test_checkpoint_round_trip_gives_the_same_embeddings(base, trained, tmp_path
         model.save_pretrained(saved, merge_lora=not merge_lora)
 
 
+def test_an_in_memory_base_trains_like_the_same_base_from_disk(base, tmp_path):
+    """What bench/gpu.py does with a 7B-sized model built from its config: no files."""
+    from_disk = mllm(base)
+    llava = LlavaNextForConditionalGeneration.from_pretrained(base)
+    with pytest.raises(ValueError, match="needs its processor"):
+        MMRetMLLM.from_llava_next(llava)
+    torch.manual_seed(0)  # the adapter's initialisation, as mllm() draws it
+    in_memory = MMRetMLLM.from_llava_next(
+        llava, processor=from_disk.processor, image_side=IMAGE_SIDE, task_instruction=TASK
+    )
+    losses = [train_mmret(model, dataset(model), config()).losses
+              for model in (from_disk, in_memory)]
+    assert losses[0] == losses[1]
+    assert in_memory.mmret["base_model"] is None
+    saved = in_memory.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="name its base_model"):
+        MMRetMLLM.from_pretrained(saved)
+    loaded = MMRetMLLM.from_pretrained(saved, base_model=base)
+    images = [shape_image("star", "green", "white", size=40)]
+    assert torch.equal(loaded.encode(images=images), in_memory.encode(images=images))
+
+
 def test_two_processes_match_one_process_with_the_global_batch(base, trained, tmp_path):
     out = tmp_path / "ddp_losses.json"
     completed = run_two_processes(__file__, str(base), str(out), timeout=180)

@@ -362,8 +362,9 @@ class MMRetMLLM(torch.nn.Module):
     @classmethod
     def from_llava_next(
         cls,
-        base_model: str | Path,
+        base_model: str | Path | LlavaNextForConditionalGeneration,
         *,
+        processor: LlavaNextProcessor | None = None,
         lora_rank: int = LORA_RANK,
         lora_alpha: int = LORA_ALPHA,
         lora_dropout: float = LORA_DROPOUT,
@@ -378,17 +379,22 @@ class MMRetMLLM(torch.nn.Module):
         ``llava-hf/llava-v1.6-mistral-7b-hf``) and its processor, with a fresh LoRA adapter.
         ``dtype`` is the frozen base's, None for the checkpoint's own (bf16 halves a 7B
         model's memory; the adapter stays float32, the trainer's autocast computes in bf16
-        on CUDA)."""
+        on CUDA). An in-memory model (random weights built from a config, say) needs its
+        ``processor``; a separate adapter saved from it then needs ``base_model`` to load."""
         lora = {"r": lora_rank, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
                 "target_modules": target_modules}
+        in_memory = isinstance(base_model, LlavaNextForConditionalGeneration)
+        if in_memory and processor is None:
+            raise ValueError("an in-memory base model needs its processor")
         llava = cls._base(base_model, dtype, gradient_checkpointing)
         mmret = {
-            "base_model": str(base_model), "task_instruction": task_instruction,
+            "base_model": None if in_memory else str(base_model),
+            "task_instruction": task_instruction,
             "image_side": image_side, "lora": lora,
             "gradient_checkpointing": gradient_checkpointing,
         }
         model = get_peft_model(llava, LoraConfig(**lora))
-        return cls(model, base_model, mmret=mmret).to(resolve_device(device))
+        return cls(model, processor or base_model, mmret=mmret).to(resolve_device(device))
 
     @classmethod
     def from_pretrained(
@@ -427,9 +433,14 @@ class MMRetMLLM(torch.nn.Module):
 
     @staticmethod
     def _base(
-        source: str | Path, dtype: torch.dtype | None, gradient_checkpointing: bool
+        source: str | Path | LlavaNextForConditionalGeneration,
+        dtype: torch.dtype | None,
+        gradient_checkpointing: bool,
     ) -> LlavaNextForConditionalGeneration:
-        llava = LlavaNextForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        if isinstance(source, LlavaNextForConditionalGeneration):
+            llava = source if dtype is None else source.to(dtype)
+        else:
+            llava = LlavaNextForConditionalGeneration.from_pretrained(source, dtype=dtype)
         if gradient_checkpointing:  # non-reentrant: works with frozen inputs and with DDP
             llava.activation_checkpointing_enable({"use_reentrant": False})
         return llava

@@ -20,6 +20,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -44,6 +45,40 @@ _DEMO_CORPUS = [
 ]
 
 
+def llava_next_parts(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    vision: CLIPVisionConfig,
+    text: PretrainedConfig,
+    grid_pinpoints: list[list[int]],
+    vision_feature_layer: int = -1,
+) -> tuple[LlavaNextConfig, LlavaNextProcessor]:
+    """The config and processor of a LLaVA-NeXT around ``tokenizer`` (its ``<image>`` token is
+    the image token): "anyres" tiles of the vision tower's input side, arranged by
+    ``grid_pinpoints``, as llava-hf's checkpoints set them up."""
+    tile = vision.image_size
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_grid_pinpoints=grid_pinpoints,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": tile},
+            crop_size={"height": tile, "width": tile},
+            image_grid_pinpoints=grid_pinpoints,
+        ),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, as llava-hf's processors say
+    )
+    return config, processor
+
+
 def save_small_llava_next(
     directory: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0
 ) -> Path:
@@ -53,27 +88,12 @@ def save_small_llava_next(
         image_size=TILE_SIZE, patch_size=PATCH_SIZE, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=2,
     )
-    config = LlavaNextConfig(
-        vision_config=vision.to_dict(),
-        text_config=llama_text_config(tokenizer).to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-        image_grid_pinpoints=GRID_PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
+    config, processor = llava_next_parts(
+        tokenizer, vision=vision, text=llama_text_config(tokenizer),
+        grid_pinpoints=GRID_PINPOINTS,
     )
     torch.manual_seed(seed)
     LlavaNextForConditionalGeneration(config).save_pretrained(directory)
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessor(
-            size={"shortest_edge": TILE_SIZE},
-            crop_size={"height": TILE_SIZE, "width": TILE_SIZE},
-            image_grid_pinpoints=GRID_PINPOINTS,
-        ),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, as llava-hf's processors say
-    )
     processor.save_pretrained(directory)
     return directory
 
