@@ -14,6 +14,10 @@ GPU lease yields every number at once. Sections (each its own line or lines in t
   same machine; recall@20 against the exact result.
 - train: the project's ``train_mmret`` on ``MMRetCLIP`` (ViT-B-16 config, random weights;
   bf16 autocast on CUDA) over synthetic pixels held in memory.
+- mllm: MMRet-MLLM's LoRA training on a LLaVA-NeXT of llava-v1.6-mistral-7b's shape (random
+  bf16 weights built on the GPU): ``train_mmret`` decoding and tiling JPEGs in DataLoader
+  workers, against bench/train_mllm.py's plain peft + transformers loop on the same model and
+  a ready batch of the same size.
 - generation: vLLM offline generation of a random Llama (config only, ``load_format=dummy``,
   token ids in and out, no tokenizer), when vLLM imports; otherwise a skip line saying why.
 
@@ -64,9 +68,9 @@ PEAK_BF16_TFLOPS = (
 )
 # clip-retrieval's README: ~1,500 images/s embedding with ViT-B/32 on one RTX 3080.
 CLIP_RETRIEVAL_IMAGES_PER_S = 1500.0
-SECTIONS = ("embed", "faiss", "train", "generation")
+SECTIONS = ("embed", "faiss", "train", "mllm", "generation")
 # Share of the time budget per section; a section that ends early leaves its rest to the next.
-WEIGHTS = {"embed": 0.35, "faiss": 0.25, "train": 0.2, "generation": 0.2}
+WEIGHTS = {"embed": 0.3, "faiss": 0.2, "train": 0.15, "mllm": 0.2, "generation": 0.15}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,6 +94,13 @@ class Sizes:
     train_model: str
     train_batch: int
     train_steps: int
+    mllm_vision: dict  # CLIPVisionConfig kwargs of the LLaVA-NeXT's vision tower
+    mllm_text: dict  # MistralConfig kwargs of its language model
+    mllm_pinpoints: tuple  # its "anyres" grid resolutions
+    mllm_image_side: int  # every image resized to this square, as MMRetMLLM does
+    mllm_batch: int
+    mllm_steps: int  # timed steps per loop, at most (fewer when the clock runs out)
+    mllm_workers: int  # DataLoader workers of train_mmret
     llama: dict  # LlamaConfig kwargs
     repeats: int  # timed calls per measurement (fewer when the clock runs out)
     prompts: int
@@ -107,6 +118,16 @@ FULL = Sizes(
     jpeg_count=512, jpeg_size=(512, 384),
     vectors=1_000_000, dim=768, clusters=10_000, queries=10_000, nlist=1024, nprobe=16,
     train_model="ViT-B-16", train_batch=64, train_steps=20,
+    # llava-hf/llava-v1.6-mistral-7b-hf's shape: CLIP ViT-L/14 at 336 px, Mistral-7B; a
+    # 512-px image is 5 tiles and ~2,900 tokens, so a sample (query + 5 candidates) ~17,600
+    mllm_vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                 "num_attention_heads": 16, "patch_size": 14, "image_size": 336,
+                 "projection_dim": 768},
+    mllm_text={"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
+               "max_position_embeddings": 32768, "sliding_window": None},
+    mllm_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+    mllm_image_side=512, mllm_batch=2, mllm_steps=4, mllm_workers=8,
     llama={"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
     prompts=256, prompt_tokens=128, new_tokens=256, repeats=5,
@@ -126,6 +147,13 @@ QUICK = Sizes(
     jpeg_count=8, jpeg_size=(64, 48),
     vectors=20_000, dim=64, clusters=200, queries=100, nlist=64, nprobe=8,
     train_model="megapairs-demo-clip", train_batch=4, train_steps=1,
+    mllm_vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "patch_size": 8, "image_size": 16},
+    mllm_text={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+               "max_position_embeddings": 1024},
+    mllm_pinpoints=((16, 32), (32, 16), (32, 32)),
+    mllm_image_side=32, mllm_batch=2, mllm_steps=2, mllm_workers=1,
     # head size 32: vLLM's CPU attention has no kernel for 16
     llama={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 1000},
@@ -448,6 +476,85 @@ def train_section(sizes: Sizes, device: torch.device, peak, clock: Clock) -> lis
     return [row]
 
 
+# --- mllm --------------------------------------------------------------------------------
+
+def llava_next(sizes: Sizes, device: torch.device):
+    """A LLaVA-NeXT of the sizes' shape with random weights built on the device (bf16 on
+    CUDA: seconds, and 15 GB instead of 30 for the 7B shape), and its processor around a
+    tokenizer trained offline on the prompt format."""
+    from transformers import CLIPVisionConfig, LlavaNextForConditionalGeneration, MistralConfig
+
+    from megapairs_dagster.offline_models import IMAGE, byte_level_tokenizer
+    from megapairs_dagster.retrieval.mllm import candidate_prompt, query_prompt
+    from megapairs_dagster.retrieval.mllm_configs import llava_next_parts
+
+    tokenizer = byte_level_tokenizer(
+        [query_prompt("make it red at night", IMAGE, "Find the target image:"),
+         candidate_prompt(None, IMAGE)]
+    )
+    config, processor = llava_next_parts(
+        tokenizer, vision=CLIPVisionConfig(**sizes.mllm_vision),
+        text=MistralConfig(**sizes.mllm_text, pad_token_id=tokenizer.pad_token_id),
+        grid_pinpoints=[list(pair) for pair in sizes.mllm_pinpoints],
+        vision_feature_layer=-2,  # llava-v1.6's: the vision tower's second-to-last layer
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        llava = LlavaNextForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+        )
+    return llava, processor
+
+
+def mllm_section(sizes: Sizes, device: torch.device, peak, clock: Clock) -> list[dict]:
+    """Samples/s of ``train_mmret`` on ``MMRetMLLM`` (LoRA rank 32, gradient checkpointing,
+    JPEGs decoded and tiled in ``mllm_workers`` DataLoader workers) and of the plain peft loop
+    on the same model and a ready batch, each after a warm-up step; FLOPs counted over one
+    1-sample step of ``train_mmret``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train import synthetic_pairs
+    from train_mllm import TASK, plain_batch, plain_loop
+
+    from megapairs_dagster.retrieval import MMRetMLLM, MMRetTrainingSet, TrainConfig, train_mmret
+
+    llava, processor = llava_next(sizes, device)
+    model = MMRetMLLM.from_llava_next(llava, processor=processor, task_instruction=TASK,
+                                      image_side=sizes.mllm_image_side, device=device)
+    size = sizes.mllm_batch
+    examples, loader = synthetic_pairs(64 * size, 8 * size, sizes.mllm_image_side, seed=0)
+    data = MMRetTrainingSet(examples, loader, preprocess=model.preprocess,
+                            tokenizer=model.tokenize, hard_negatives=4)
+
+    def config(steps: int, batch: int, workers: int) -> TrainConfig:
+        return TrainConfig(max_steps=steps, batch_size=batch, num_workers=workers,
+                           device=str(device), learning_rate=1e-4)
+
+    flops = count_flops(lambda: train_mmret(model, data, config(1, 1, 0)))
+    warm = train_mmret(model, data, config(1, size, sizes.mllm_workers))
+    ready = plain_batch(processor, data, loader, size, sizes.mllm_image_side)
+    plain_loop(model.model, ready, size, 1, device)
+    clock.check("the timed steps")
+    step_s = warm.seconds / warm.steps
+    steps = max(1, min(sizes.mllm_steps, int(0.4 * clock.left() / step_s)))  # two loops
+    plain = size * steps / plain_loop(model.model, ready, size, steps, device)
+    report = train_mmret(model, data, config(steps, size, sizes.mllm_workers))
+    shape = "LLaVA-NeXT 7B shape" if not sizes.label else "LLaVA-NeXT"
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    common = {"batch_size": size, "steps": steps, "sequence_length": ready["input_ids"].shape[1],
+              "sequences_per_sample": len(ready["input_ids"]) // size,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                          if p.requires_grad)}
+    return [
+        line(f"MMRet-MLLM train ({shape}, LoRA, {precision}){sizes.label}",
+             report.samples_per_s, "samples/s", flops, peak, **common,
+             workers=sizes.mllm_workers, data_wait_share=report.data_wait_s / report.seconds,
+             vs_plain_peft=report.samples_per_s / plain),
+        line(f"plain peft loop, ready batch ({shape}){sizes.label}", plain, "samples/s",
+             flops, peak, **common),
+    ]
+
+
 # --- generation --------------------------------------------------------------------------
 
 def llama_flops_per_token(llama, length: int, device: torch.device) -> tuple[float, int]:
@@ -505,7 +612,7 @@ def generation_section(sizes: Sizes, device: torch.device, peak, clock: Clock) -
 
 
 RUNNERS = {"embed": embed_section, "faiss": faiss_section, "train": train_section,
-           "generation": generation_section}
+           "mllm": mllm_section, "generation": generation_section}
 
 
 def run_section(name: str, sizes: Sizes, device, peak, seconds: float) -> dict:
@@ -527,24 +634,27 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'line':<48}{'rate':>12} {'unit':<10}{'batch':>6}{'TFLOP/s':>9}{'% peak':>8}"
-          f"{'x c-r':>7}")
+    width = 60
+    print(f"\n{'line':<{width}}{'rate':>12} {'unit':<10}{'batch':>6}{'TFLOP/s':>9}{'% peak':>8}"
+          f"{'x ref':>7}")
     for section, result in results.items():
         if result["status"] != "ok":
-            print(f"{section:<48}{result['status'].upper()}: "
+            print(f"{section:<{width}}{result['status'].upper()}: "
                   f"{result.get('reason') or result.get('error')}")
             continue
         for row in result["rows"]:
             if "skipped" in row or "error" in row:
                 status = "SKIPPED" if "skipped" in row else "ERROR"
-                print(f"{row['name']:<48}{status}: {row.get('skipped') or row.get('error')}")
+                print(f"{row['name']:<{width}}{status}: {row.get('skipped') or row.get('error')}")
                 continue
             share = None if row["peak_fraction"] is None else 100 * row["peak_fraction"]
-            print(f"{row['name']:<48}{row['rate']:>12.1f} {row['unit']:<10}"
+            reference = row.get("vs_clip_retrieval", row.get("vs_plain_peft"))
+            print(f"{row['name']:<{width}}{row['rate']:>12.1f} {row['unit']:<10}"
                   f"{fmt(row.get('batch_size'), 'd'):>6}{fmt(row['tflops'], '.2f'):>9}"
-                  f"{fmt(share, '.1f'):>8}{fmt(row.get('vs_clip_retrieval'), '.2f'):>7}")
-    print("% peak: of the GPU's dense bf16 TFLOP/s; x c-r: images/s over clip-retrieval's "
-          f"~{CLIP_RETRIEVAL_IMAGES_PER_S:.0f} (ViT-B/32, one RTX 3080)")
+                  f"{fmt(share, '.1f'):>8}{fmt(reference, '.2f'):>7}")
+    print("% peak: of the GPU's dense bf16 TFLOP/s; x ref: images/s over clip-retrieval's "
+          f"~{CLIP_RETRIEVAL_IMAGES_PER_S:.0f} (ViT-B/32, one RTX 3080), or MMRet-MLLM's "
+          "samples/s over the plain peft loop's")
 
 
 def device_name(device: torch.device) -> str:

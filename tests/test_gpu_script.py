@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"embed", "faiss", "train", "generation"}
+SECTIONS = {"embed", "faiss", "train", "mllm", "generation"}
 # Lines a CPU must measure in --quick; faiss-gpu and vLLM may only say why they did not run.
 MEASURED_ON_CPU = {
     "jpeg decode (cpu, batched)": False,  # name: whether it has a FLOP count
@@ -20,6 +21,8 @@ MEASURED_ON_CPU = {
     "faiss-cpu IndexFlatIP": True,
     "faiss-cpu IVF64,Flat nprobe=8": True,
     "MMRet train (megapairs-demo-clip, fp32)": True,
+    "MMRet-MLLM train (LLaVA-NeXT, LoRA, fp32) [tiny]": True,
+    "plain peft loop, ready batch (LLaVA-NeXT) [tiny]": True,
 }
 
 
@@ -79,6 +82,12 @@ def test_quick_run_measures_what_a_cpu_can(quick_run):
     assert rows["faiss-cpu IndexFlatIP"]["recall_at_k"] == 1.0  # the reference itself
     assert 0.0 < rows["faiss-cpu IVF64,Flat nprobe=8"]["recall_at_k"] <= 1.0
     assert "get_num_gpus" in rows["faiss-gpu IndexFlatIP"]["skipped"]
+    mllm = rows["MMRet-MLLM train (LLaVA-NeXT, LoRA, fp32) [tiny]"]
+    plain = rows["plain peft loop, ready batch (LLaVA-NeXT) [tiny]"]
+    assert mllm["vs_plain_peft"] == pytest.approx(mllm["rate"] / plain["rate"])
+    # a query, its positive, the query image and 3 mined negatives: one forward for all
+    assert mllm["sequences_per_sample"] == 6
+    assert 0 < mllm["trainable_parameters"] < mllm["parameters"]  # the LoRA adapter only
     generation = rows["vLLM generation (random Llama)"]
     assert "skipped" in generation or generation["rate"] > 0
 
@@ -99,3 +108,17 @@ def test_peak_table_matches_device_names(bench):
     assert bench.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.peak_bf16_tflops("Tesla T4") is None
+
+
+def test_the_mllm_line_trains_llava_v1_6_mistral_7b_s_shape(bench):
+    """Built on the meta device (no memory): the parameter count of the released base and
+    the image tokens a 512-px image makes there: a 24 x 24 base tile, a 2 x 2 grid of them
+    (48 x 48 patches) and one newline token per grid row."""
+    from megapairs_dagster.retrieval.mllm import MLLMInputs
+
+    llava, processor = bench.llava_next(bench.FULL, torch.device("meta"))
+    assert sum(p.numel() for p in llava.parameters()) == pytest.approx(7.57e9, rel=0.002)
+    assert llava.config.vision_feature_layer == -2
+    inputs = MLLMInputs(processor, task_instruction="Find the target image:",
+                        image_side=bench.FULL.mllm_image_side)
+    assert inputs.image_tokens == 24 * 24 + 48 * 48 + 48
