@@ -5,6 +5,7 @@ Materialisations are reported straight to an ephemeral instance (nothing is comp
 test shows in seconds what the automation sensor would request on a server.
 """
 
+import weakref
 from datetime import datetime, timedelta, timezone
 from unittest import mock
 
@@ -67,7 +68,9 @@ class Ticks:
         return {name: set(partitions) for name, partitions in requested.items() if partitions}
 
 
-_REPORTED: dict[int, set] = {}
+# Check results already reported, per instance. Keyed by the instance itself, weakly: an id()
+# is reused once an instance is freed, and a later test's instance then skipped its checks.
+_REPORTED: weakref.WeakKeyDictionary[DagsterInstance, set] = weakref.WeakKeyDictionary()
 
 
 def materialised(
@@ -79,7 +82,7 @@ def materialised(
     for name in names:
         instance.report_runless_asset_event(AssetMaterialization(name, partition=partition))
         for check in graph.get(AssetKey(name)).check_keys:
-            reported = _REPORTED.setdefault(id(instance), set())
+            reported = _REPORTED.setdefault(instance, set())
             if graph.get(check).blocking and (check, partition) not in reported:
                 if partition:
                     reported.add((check, partition))
