@@ -52,8 +52,9 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/megapairs demo
 
 # The whole suite, as CI runs it; the 20 slowest tests are listed at the end. Most of its time
-# is spent waiting (servers starting, runs polled: 1.2 busy cores of 2), so TEST_WORKERS
-# pytest-xdist workers share it, a test file each at a time (module fixtures stay built once).
+# is spent waiting on servers, runs and subprocesses (even on 2 workers only 1.1-1.2 of 2
+# cores are busy), so TEST_WORKERS pytest-xdist workers share it, a test file each at a time
+# (module fixtures stay built once).
 TEST_WORKERS ?= 2
 test: install vllm-env
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20

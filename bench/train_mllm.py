@@ -18,7 +18,7 @@ InfoNCE over the batch's candidates; (b) ``train_mmret`` reads JPEG bytes throug
 
 Each timed run is ``--steps`` steps. What a run does once counts in it: starting the
 worker, its first batch and its shutdown cost ~65 ms, a step of this model ~60 ms on one
-core, so 12-step runs put the worker variant ~10 % lower than 48-step ones
+core, so 12-step runs put the worker variant ~5 % lower than 48-step ones
 (docs/benchmarks/README.md); a real run's thousands of steps see only the per-step cost.
 Reported: samples/s of each (median over interleaved repeats) and the ratios to (a).
 Target: >= 0.9.
