@@ -143,23 +143,25 @@ class ScriptedServer:
                     if server.refused and server.refused in prompt_text(body):
                         status = 400
                     server.answered += status == 200
-                try:
-                    time.sleep(server.delay_s)
-                    if status == "gone":  # no answer, and new connections are refused
-                        threading.Thread(target=server.close, daemon=True).start()
-                    elif status == "hang":
-                        time.sleep(HANG_S)
-                    elif status == "truncated":
-                        self._cut_short()
-                    elif status != 200:
-                        self._answer(status, {"error": f"scripted {status}"})
-                    elif self.path == "/v1/completions":
-                        self._answer(200, {"choices": [{"text": server.answer(body)}]})
-                    else:
-                        self._answer(200, {"choices": [{"message": {"content": server.answer(body)}}]})
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                time.sleep(server.delay_s)
+                # Counted as in flight while held, and no longer once the answer is due: a client
+                # that has its answer may send its next request before this thread runs again, and
+                # counting until after the write saw one more in flight than the client ever had
+                # (seen once in CI: 4 for a bound of 3).
+                with server.lock:
+                    server.in_flight -= 1
+                if status == "gone":  # no answer, and new connections are refused
+                    threading.Thread(target=server.close, daemon=True).start()
+                elif status == "hang":
+                    time.sleep(HANG_S)
+                elif status == "truncated":
+                    self._cut_short()
+                elif status != 200:
+                    self._answer(status, {"error": f"scripted {status}"})
+                elif self.path == "/v1/completions":
+                    self._answer(200, {"choices": [{"text": server.answer(body)}]})
+                else:
+                    self._answer(200, {"choices": [{"message": {"content": server.answer(body)}}]})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
