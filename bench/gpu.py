@@ -72,6 +72,8 @@ SECTIONS = ("embed", "faiss", "train", "mllm", "generation")
 # Share of the time budget per section; a section that ends early leaves its rest to the next.
 WEIGHTS = {"embed": 0.3, "faiss": 0.2, "train": 0.15, "mllm": 0.2, "generation": 0.15}
 ROOT = Path(__file__).resolve().parents[1]
+# The sibling benches whose data and loops the sections reuse (knn, train, train_mllm).
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 @dataclass(frozen=True)
@@ -370,8 +372,6 @@ def faiss_section(sizes: Sizes, device: torch.device, peak, clock: Clock) -> lis
     CPU; build = train + add, search = top-20 of every query; recall against the first flat
     result."""
     import faiss
-
-    sys.path.insert(0, str(ROOT / "bench"))
     from knn import clustered_embeddings
 
     from megapairs_dagster.synthesis.knn import TUNING_K, label_recall
@@ -511,7 +511,6 @@ def mllm_section(sizes: Sizes, device: torch.device, peak, clock: Clock) -> list
     JPEGs decoded and tiled in ``mllm_workers`` DataLoader workers) and of the plain peft loop
     on the same model and a ready batch, each after a warm-up step; FLOPs counted over one
     1-sample step of ``train_mmret``."""
-    sys.path.insert(0, str(ROOT / "bench"))
     from train import synthetic_pairs
     from train_mllm import TASK, plain_batch, plain_loop
 
