@@ -107,14 +107,26 @@ def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def open_parquet(source) -> pq.ParquetFile:
+    """A Parquet file (bytes, an open file or a path) to read on the calling thread only.
+
+    Pass ``use_threads=False`` to its reads and to ``to_pandas``. Why: when Arrow reads a
+    Python-owned source (bytes, an fsspec file) on its thread pools, the last reference to the
+    source can be dropped by a pool thread after the read has returned. If the interpreter is
+    exiting by then, that thread cannot take the GIL to free the source and the process
+    aborts ("terminate called without an active exception"; a core dump showed exactly this).
+    Without pre-buffering and with ``use_threads=False`` Arrow starts no pool thread at all
+    (tests/test_storage.py counts them). On 2 cores whole tables read as fast as with the
+    pools, columns and row groups faster (bench/artifact_reads.py).
+    """
+    return pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source,
+                          pre_buffer=False)
+
+
 def read_table(source, columns: list[str] | None = None) -> pd.DataFrame:
     """A table written by ``write_table`` (bytes or an open file), optionally some columns."""
-    # Bytes through pyarrow's own buffer, not io.BytesIO: read on pyarrow's threads, a Python
-    # file object made one process in two abort at exit ("terminate called without an active
-    # exception"; tests/test_docs.py's notebook snippet, 3 of 16 runs).
-    table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source,
-                          columns=columns)
-    frame = table.to_pandas()
+    table = open_parquet(source).read(columns=columns, use_threads=False)
+    frame = table.to_pandas(use_threads=False)
     produced_by = (table.schema.metadata or {}).get(b"megapairs.produced_by")
     if produced_by:
         frame.attrs["produced_by"] = json.loads(produced_by)

@@ -1,5 +1,6 @@
 """The artifact store: atomic local writes, and the pipeline's artifacts round-tripping S3."""
 
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,52 @@ def test_missing_artifact_names_the_asset_to_materialise(tmp_path):
 def test_embeddings_reject_misaligned_rows():
     with pytest.raises(ValueError, match="N ids"):
         Embeddings(ids=np.arange(3), vectors=np.zeros((2, 4)))
+
+
+# Reads every way the pipeline reads Parquet from a Python-owned source (bytes, open files),
+# counting the process's threads after each. A thread of Arrow's pools that held such a source
+# could drop it while the interpreter exits, and the process then aborted ("terminate called
+# without an active exception"; the README's notebook snippet, about 1 run in 150 under load).
+READ_WITHOUT_ARROW_THREADS = """
+import json, os
+import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
+from megapairs_dagster.artifacts import load_artifact, load_columns, write_table
+from megapairs_dagster.storage import ArtifactStoreClient
+from megapairs_dagster.synthesis.image_index import build_image_index, read_images
+from megapairs_dagster.synthesis.megapairs_format import MEGAPAIRS_SCHEMA, read_megapairs
+from megapairs_dagster.synthesis.readers import Shard, read_shard
+
+store = ArtifactStoreClient("store")
+ids = np.arange(600, dtype=np.int64)  # three row groups
+store.write_bytes("corpus_images/00000.parquet", write_table(
+    pd.DataFrame({"image_id": ids, "caption": [f"c{i}" for i in ids]}), {"asset": "x"}))
+pq.write_table(pa.table({"image": [b"jpeg"] * 3, "caption": ["a", "b", "c"]}), "corpus.parquet")
+pq.write_table(pa.table({"q_img": ["a.jpg"], "q_text": [["find b"]], "t_img": ["b.jpg"],
+                         "hns": [["a.jpg"]]}, schema=MEGAPAIRS_SCHEMA), "megapairs.parquet")
+threads = lambda: len(os.listdir("/proc/self/task"))
+started, before = {}, threads()
+reads = {
+    "load_artifact": lambda: load_artifact(store, "corpus_images/00000"),
+    "load_columns": lambda: load_columns(store, "corpus_images", ["00000"], ["caption"]),
+    "read_images": lambda: read_images(
+        store, build_image_index(store, ["00000"]), [3, 300, 599], ["caption"]),
+    "read_shard": lambda: list(read_shard(Shard("corpus", "corpus.parquet", "parquet"))),
+    "read_megapairs": lambda: list(read_megapairs("megapairs.parquet")),
+}
+for name, read in reads.items():
+    assert len(read()) > 0, name
+    started[name] = threads() - before
+print(json.dumps(started))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_parquet_reads_start_no_arrow_thread_that_could_outlive_the_interpreter(tmp_path):
+    done = subprocess.run([sys.executable, "-c", READ_WITHOUT_ARROW_THREADS], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    started = json.loads(done.stdout.strip().splitlines()[-1])
+    assert started == dict.fromkeys(started, 0), f"threads started by each read: {started}"
 
 
 def test_corpus_and_embeddings_round_trip_through_s3(tmp_path):

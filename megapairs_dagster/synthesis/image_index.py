@@ -13,9 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from megapairs_dagster.artifacts import ROW_GROUP_ROWS
+from megapairs_dagster.artifacts import ROW_GROUP_ROWS, open_parquet, read_table
 from megapairs_dagster.storage import ArtifactStoreClient
 
 INDEX_COLUMNS = ["image_id", "shard", "row"]
@@ -30,7 +29,7 @@ def shard_table_path(shard: str) -> str:
 def shard_entries(store: ArtifactStoreClient, shard: str) -> pd.DataFrame:
     """The index rows of one shard, reading only its ``image_id`` column."""
     with store.path(shard_table_path(shard)).open("rb") as handle:
-        ids = pq.read_table(handle, columns=["image_id"]).column("image_id").to_numpy()
+        ids = read_table(handle, columns=["image_id"])["image_id"].to_numpy()
     return pd.DataFrame(
         {"image_id": ids.astype(np.int64), "shard": shard, "row": np.arange(len(ids), dtype=np.int64)}
     )
@@ -104,14 +103,15 @@ def iter_images(
 
 def _read_rows(store: ArtifactStoreClient, shard: str, rows: np.ndarray, columns: list[str]):
     with store.path(shard_table_path(shard)).open("rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        parquet = open_parquet(handle)
         sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         groups = np.searchsorted(starts, rows, side="right") - 1
         tables: Mapping[int, pa.Table] = {
-            int(g): parquet.read_row_group(int(g), columns=columns) for g in np.unique(groups)
+            int(g): parquet.read_row_group(int(g), columns=columns, use_threads=False)
+            for g in np.unique(groups)
         }
     parts = [
         tables[int(g)].take(pa.array(rows[groups == g] - starts[g])) for g in np.unique(groups)
     ]
-    return pa.concat_tables(parts).to_pandas()
+    return pa.concat_tables(parts).to_pandas(use_threads=False)

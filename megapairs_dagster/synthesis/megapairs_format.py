@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megapairs_dagster.artifacts import open_parquet
 from megapairs_dagster.storage import ArtifactStoreClient
 
 MEGAPAIRS_FIELDS = ("q_img", "q_text", "t_img", "hns")
@@ -213,12 +214,12 @@ def _jsonl_rows(handle: io.IOBase, path_or_url: str) -> Iterator[tuple[str, Any]
 
 
 def _parquet_rows(handle: io.IOBase, path_or_url: str) -> Iterator[tuple[str, Any]]:
-    parquet = pq.ParquetFile(handle)
+    parquet = open_parquet(handle)
     missing = [name for name in MEGAPAIRS_FIELDS if name not in parquet.schema_arrow.names]
     if missing:
         raise MegaPairsFormatError(f"{path_or_url}: missing field(s) {missing} (no such column)")
     row_number = 0
-    for batch in parquet.iter_batches(columns=list(MEGAPAIRS_FIELDS)):
+    for batch in parquet.iter_batches(columns=list(MEGAPAIRS_FIELDS), use_threads=False):
         for row in batch.to_pylist():
             yield f"{path_or_url} row {row_number}", row
             row_number += 1

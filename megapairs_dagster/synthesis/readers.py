@@ -36,7 +36,8 @@ from typing import Literal
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from megapairs_dagster.artifacts import open_parquet
 
 ShardFormat = Literal["webdataset", "folder", "parquet"]
 
@@ -276,7 +277,7 @@ def _read_parquet(
 ) -> Iterator[RawSample]:
     with fsspec.open(shard.url, "rb", **options) as stream:
         try:
-            parquet = pq.ParquetFile(stream)
+            parquet = open_parquet(stream)
             columns = set(parquet.schema_arrow.names)
             missing = {image_column, caption_column} - columns
             if missing:
@@ -285,7 +286,7 @@ def _read_parquet(
                     f"it has {sorted(columns)}"
                 )
             row_index = 0
-            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, use_threads=False):
                 for row in batch.to_pylist():
                     try:
                         image_bytes = _image_cell_bytes(row.pop(image_column), image_column)
