@@ -35,6 +35,7 @@ RUNS: dict[str, list[str]] = {
     "generation": ["--concurrency", "1", "16", "--repeats", "2"],
     "dagster_overhead": ["--repeats", "2"],
     "scaling": [],
+    "artifact_reads": [],
 }
 
 
@@ -99,6 +100,12 @@ def _scaling(data: dict) -> list[dict]:
     return rows
 
 
+def _artifact_reads(data: dict) -> list[dict]:
+    return [_row(f"{row['case']}: pyarrow default / pipeline time", row["ratio"], "x", ">= 0.9",
+                 f"{row['pipeline_ms']:.1f} vs {row['pyarrow_default_ms']:.1f} ms")
+            for row in data["rows"]]
+
+
 READERS: dict[str, Callable[[dict], list[dict]]] = {
     "embed": _embed,
     "knn": _knn,
@@ -108,6 +115,7 @@ READERS: dict[str, Callable[[dict], list[dict]]] = {
     "generation": _generation,
     "dagster_overhead": _dagster_overhead,
     "scaling": _scaling,
+    "artifact_reads": _artifact_reads,
 }
 
 

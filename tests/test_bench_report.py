@@ -25,6 +25,9 @@ RESULTS = {
     "train_launch": {"memory": {"streaming_growth_mb": 12.0, "in_memory_growth_mb": 300.0},
                      "launch": {"ratio": 0.7}},
     "generation": {"rows": [{"concurrency": 16, "ratio": 0.98, "pipeline_pairs_per_s": 40.0}]},
+    "artifact_reads": {"rows": [{"case": "corpus shard, whole table from bytes",
+                                 "pipeline_ms": 100.0, "pyarrow_default_ms": 95.0,
+                                 "ratio": 0.95}]},
     "scaling": {
         "stages": [
             {"stage": "corpus_images", "1x_s": 1.0, "2x_s": 2.0, "4x_s": 4.0, "exponent": 1.0,
@@ -49,6 +52,8 @@ def test_report_tabulates_what_exists_and_lists_what_is_missing(tmp_path):
     assert by_measure["IVF2048,Flat speed-up vs exact"]["value"] == 13.0
     assert "not linear" in by_measure["image_index: cost exponent 1x -> 4x"]["note"]
     assert by_measure["full recompute of 4 shards / one new shard"]["value"] == 4.0
+    assert by_measure["corpus shard, whole table from bytes: pyarrow default / pipeline time"][
+        "value"] == 0.95
     table = report.format_table(rows)
     assert len(table.splitlines()) == len(rows) + 1
     report.plot(rows, RESULTS["scaling"], tmp_path / "summary.png")
