@@ -107,8 +107,9 @@ def write_table(frame: pd.DataFrame, produced_by: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def open_parquet(source) -> pq.ParquetFile:
-    """A Parquet file (bytes, an open file or a path) to read on the calling thread only.
+def open_parquet(source, columns: list[str] | None = None) -> pq.ParquetFile:
+    """A Parquet file (bytes, an open file or a path) to read on the calling thread only;
+    a clear error if it lacks one of ``columns`` (pyarrow would silently leave it out).
 
     Pass ``use_threads=False`` to its reads and to ``to_pandas``. Why: when Arrow reads a
     Python-owned source (bytes, an fsspec file) on its thread pools, the last reference to the
@@ -119,13 +120,19 @@ def open_parquet(source) -> pq.ParquetFile:
     (tests/test_storage.py counts them). On 2 cores whole tables read as fast as with the
     pools, columns and row groups faster (bench/artifact_reads.py).
     """
-    return pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source,
-                          pre_buffer=False)
+    parquet = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source,
+                             pre_buffer=False)
+    missing = sorted(set(columns or ()) - set(parquet.schema_arrow.names))
+    if missing:
+        # s3fs files name their object in .path, local ones in .name; bytes name nothing
+        where = getattr(source, "path", None) or getattr(source, "name", None) or "this table"
+        raise KeyError(f"{where} has no column(s) {missing}; it has {parquet.schema_arrow.names}")
+    return parquet
 
 
 def read_table(source, columns: list[str] | None = None) -> pd.DataFrame:
     """A table written by ``write_table`` (bytes or an open file), optionally some columns."""
-    table = open_parquet(source).read(columns=columns, use_threads=False)
+    table = open_parquet(source, columns).read(columns=columns, use_threads=False)
     frame = table.to_pandas(use_threads=False)
     produced_by = (table.schema.metadata or {}).get(b"megapairs.produced_by")
     if produced_by:

@@ -25,11 +25,15 @@ from megapairs_dagster.artifacts import (
     KnnIndexArtifact,
     artifact_relpath,
     load_artifact,
+    load_columns,
+    read_table,
+    write_table,
 )
 from megapairs_dagster.definitions import defs
 from megapairs_dagster.demo import write_demo_shard
 from megapairs_dagster.resources.store import ArtifactIOManager, ArtifactStore
 from megapairs_dagster.storage import ArtifactStoreClient
+from megapairs_dagster.synthesis.image_index import build_image_index, read_images
 
 
 def test_local_write_is_atomic_and_leaves_no_partial_files(tmp_path, monkeypatch):
@@ -83,7 +87,8 @@ def test_embeddings_reject_misaligned_rows():
 # Reads every way the pipeline reads Parquet from a Python-owned source (bytes, open files),
 # counting the process's threads after each. A thread of Arrow's pools that held such a source
 # could drop it while the interpreter exits, and the process then aborted ("terminate called
-# without an active exception"; the README's notebook snippet, about 1 run in 150 under load).
+# without an active exception"; the README's notebook snippet: 5 of about 730 runs, 4 at once on 2
+# cores).
 READ_WITHOUT_ARROW_THREADS = """
 import json, os
 import numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
@@ -124,6 +129,20 @@ def test_parquet_reads_start_no_arrow_thread_that_could_outlive_the_interpreter(
     assert done.returncode == 0, done.stderr
     started = json.loads(done.stdout.strip().splitlines()[-1])
     assert started == dict.fromkeys(started, 0), f"threads started by each read: {started}"
+
+
+def test_a_column_the_table_lacks_is_an_error_naming_the_file_and_its_columns(tmp_path):
+    """pyarrow's ParquetFile would silently leave the column out."""
+    store = ArtifactStoreClient(str(tmp_path))
+    store.write_bytes("corpus_images/00000.parquet", write_table(
+        pd.DataFrame({"image_id": np.arange(3), "caption": ["a", "b", "c"]}), {}))
+    message = r"corpus_images/00000.parquet has no column\(s\) \['meta'\]; it has \['image_id', 'caption'\]"
+    with pytest.raises(KeyError, match=message):
+        load_columns(store, "corpus_images", ["00000"], ["image_id", "meta"])
+    with pytest.raises(KeyError, match="this table has no column"):
+        read_table(store.read_bytes("corpus_images/00000.parquet"), ["meta"])
+    with pytest.raises(KeyError, match=message.replace("meta", "jpeg")):
+        read_images(store, build_image_index(store, ["00000"]), [1], ["jpeg"])
 
 
 def test_corpus_and_embeddings_round_trip_through_s3(tmp_path):

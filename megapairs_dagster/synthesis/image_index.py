@@ -103,7 +103,7 @@ def iter_images(
 
 def _read_rows(store: ArtifactStoreClient, shard: str, rows: np.ndarray, columns: list[str]):
     with store.path(shard_table_path(shard)).open("rb") as handle:
-        parquet = open_parquet(handle)
+        parquet = open_parquet(handle, columns)
         sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         groups = np.searchsorted(starts, rows, side="right") - 1
