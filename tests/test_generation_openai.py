@@ -147,7 +147,8 @@ class ScriptedServer:
                 # Counted as in flight while held, and no longer once the answer is due: a client
                 # that has its answer may send its next request before this thread runs again, and
                 # counting until after the write saw one more in flight than the client ever had
-                # (seen once in CI: 4 for a bound of 3).
+                # (seen once in CI: 4 for a bound of 3). A scripted "hang" is thus not counted
+                # while it hangs; only the concurrency test reads the count, and it scripts none.
                 with server.lock:
                     server.in_flight -= 1
                 if status == "gone":  # no answer, and new connections are refused
